@@ -134,7 +134,6 @@ TINY = ModelPreset(
         relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
         is_encoder_decoder=False, tie_word_embeddings=False,
     ),
-    max_size=(512, 512),
 )
 
 PRESETS: dict[str, ModelPreset] = {p.name: p for p in (FULL, TINY)}

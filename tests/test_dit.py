@@ -1,0 +1,136 @@
+"""The DiT: official tensor names at full size, and the KV cache against a block-causal full forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker.config import CHUNK_LATENT_FRAMES, FULL, PRESETS
+from worker.models.dit import LingBotDiT, build_dit
+from worker.models.kv_cache import KVCache
+from worker.schedule import dmd_schedule
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_fast_keys.txt"
+TINY = PRESETS["tiny"].dit
+
+
+def official_keys() -> dict[str, list[int]]:
+    keys, in_list = {}, False
+    for line in REFERENCE.read_text().splitlines():
+        if line.startswith("## ---- full key list"):
+            in_list = True
+            continue
+        if in_list and line.strip() and not line.startswith("#"):
+            name, shape = line.split("\t")[:2]
+            keys[name] = [int(s) for s in shape.strip("[]").split(",")]
+    return keys
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason="needs ../shared/reference beside the checkout")
+def test_full_size_state_dict_matches_official_names_and_shapes():
+    model = build_dit(FULL.dit, seed=None)  # meta device: no memory
+    mine = {k: list(v.shape) for k, v in model.state_dict().items()}
+    ref = official_keys()
+    assert len(ref) == 1421
+    assert mine == ref
+    assert sum(v.numel() for v in model.state_dict().values()) == 18_544_332_864
+    assert not list(model.buffers())
+
+
+def test_schedule_matches_official_table():
+    s = dmd_schedule()
+    assert s.timesteps == (999, 978, 947, 825)
+    assert s.x0_sigmas == pytest.approx((0.999900, 0.978971, 0.947909, 0.825853), abs=2e-6)
+    assert s.renoise_sigmas == pytest.approx((0.978830, 0.947693, 0.825193), abs=2e-6)
+    assert dmd_schedule(5.0).timesteps == (999, 957, 899, 702)
+
+
+def _inputs(num_chunks: int, h: int = 4, w: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    f = CHUNK_LATENT_FRAMES * num_chunks
+    x = torch.randn(1, 16, f, h, w, generator=g)
+    y = torch.randn(1, 20, f, h, w, generator=g)
+    cam = torch.randn(1, 384, f, h, w, generator=g)
+    text = torch.randn(1, 5, TINY.text_dim, generator=g)
+    return x, y, cam, text
+
+
+def _chunked(model: LingBotDiT, x, y, cam, text, *, sink: int, window: int, t: float = 500.0):
+    n_frames = x.shape[2]
+    frame_tokens = (x.shape[3] // 2) * (x.shape[4] // 2)
+    cache = KVCache(num_layers=TINY.num_layers, frame_tokens=frame_tokens, total_frames=n_frames, sink=sink,
+                    window=window, heads=TINY.num_heads, head_dim=TINY.head_dim, dtype=torch.float32, device="cpu")
+    kv = model.encode_text(text)
+    outs, seen = [], []
+    for f0 in range(0, n_frames, CHUNK_LATENT_FRAMES):
+        sl = slice(f0, f0 + CHUNK_LATENT_FRAMES)
+        ctx = model.prepare_chunk(cam[:, :, sl], f0, cache)
+        outs.append(model(x[:, :, sl], y[:, :, sl], t, kv, ctx))
+        seen.append(cache.frames_in_cache(f0 + CHUNK_LATENT_FRAMES))
+    return torch.cat(outs, dim=2), seen
+
+
+def _full_masked(model: LingBotDiT, x, y, cam, text, seen, t: float = 500.0):
+    n_frames = x.shape[2]
+    frame_tokens = (x.shape[3] // 2) * (x.shape[4] // 2)
+    allowed = torch.zeros(n_frames, n_frames, dtype=torch.bool)  # [query frame, key frame]
+    for c, frames in enumerate(seen):
+        for q in range(c * CHUNK_LATENT_FRAMES, (c + 1) * CHUNK_LATENT_FRAMES):
+            allowed[q, frames] = True
+    mask = allowed.repeat_interleave(frame_tokens, 0).repeat_interleave(frame_tokens, 1)
+    ctx = model.prepare_chunk(cam, 0, None, attn_mask=mask)
+    return model(x, y, t, model.encode_text(text), ctx)
+
+
+@pytest.mark.parametrize("sink,window,expect_last", [(0, 100, list(range(12))), (3, 6, [0, 1, 2, 6, 7, 8, 9, 10, 11])])
+def test_kv_cached_chunks_equal_block_causal_full_forward(sink, window, expect_last):
+    torch.manual_seed(0)
+    model = build_dit(TINY, dtype=torch.float32, seed=1)
+    x, y, cam, text = _inputs(num_chunks=4)
+    chunked, seen = _chunked(model, x, y, cam, text, sink=sink, window=window)
+    assert seen[-1] == expect_last  # the eviction rule: sink frames + the most recent window
+    full = _full_masked(model, x, y, cam, text, seen)
+    # fp32 on both sides; only the summation order inside attention differs.
+    torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-4)
+    # and the check can fail: a plain (non-causal) full forward differs.
+    ctx = model.prepare_chunk(cam, 0, None)
+    assert not torch.allclose(model(x, y, 500.0, model.encode_text(text), ctx), chunked, atol=1e-3)
+
+
+def test_official_eviction_examples():
+    # reference fast_rollout.md section 5: L=12,S=3 -> after chunk 4 [0,1,2,6..14]; after chunk 6 [0,1,2,12..20]
+    c = KVCache(num_layers=1, frame_tokens=1, total_frames=21, sink=3, window=9, heads=1, head_dim=2,
+                dtype=torch.float32, device="cpu")
+    assert c.frames_in_cache(15) == [0, 1, 2, *range(6, 15)]
+    assert c.frames_in_cache(21) == [0, 1, 2, *range(12, 21)]
+    # L=18,S=9 -> after chunk 6 [0..8, 12..20]
+    c = KVCache(num_layers=1, frame_tokens=1, total_frames=21, sink=9, window=9, heads=1, head_dim=2,
+                dtype=torch.float32, device="cpu")
+    assert c.frames_in_cache(21) == [*range(0, 9), *range(12, 21)]
+
+
+def test_window_smaller_than_chunk_is_refused():
+    with pytest.raises(ValueError, match="kv_window"):
+        KVCache(num_layers=1, frame_tokens=1, total_frames=9, sink=0, window=2, heads=1, head_dim=2,
+                dtype=torch.float32, device="cpu")
+
+
+def test_cache_refresh_only_writes_kv():
+    model = build_dit(TINY, dtype=torch.float32, seed=2)
+    x, y, cam, text = _inputs(num_chunks=2)
+    kv = model.encode_text(text)
+
+    def run(refresh: bool):
+        cache = KVCache(num_layers=TINY.num_layers, frame_tokens=6, total_frames=6, sink=0, window=6,
+                        heads=TINY.num_heads, head_dim=TINY.head_dim, dtype=torch.float32, device="cpu")
+        ctx = model.prepare_chunk(cam[:, :, :3], 0, cache)
+        model(x[:, :, :3], y[:, :, :3], 999.0, kv, ctx)
+        if refresh:
+            assert model(x[:, :, :3] * 0.5, y[:, :, :3], 0.0, kv, ctx, cache_only=True) is None
+        ctx = model.prepare_chunk(cam[:, :, 3:], 3, cache)
+        return model(x[:, :, 3:], y[:, :, 3:], 999.0, kv, ctx)
+
+    # The refresh rewrote chunk 0's K/V from other inputs, so the next chunk sees different context.
+    assert not torch.allclose(run(True), run(False))

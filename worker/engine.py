@@ -1,0 +1,144 @@
+"""The warm model: DiT on every rank; text encoder and VAE on the leader. One job at a time.
+
+`Engine.load` resolves a model spec (preset, folder or hub id from the local caches), loads the parts this
+rank needs and keeps them resident. `Engine.rollout` runs one job and yields decoded chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from worker.config import PRESETS, ModelPreset
+from worker.models.loading import ModelSource, load_dit, load_text_encoder_for, load_vae_for, resolve_model
+from worker.models.vae import StreamingVAE
+from worker.parallel.sp import SINGLE, SequenceParallel
+from worker.rollout import ChunkOutput, RolloutJob, rollout
+
+log = logging.getLogger("worker.engine")
+
+DEFAULT_MODEL = "robbyant/lingbot-world-fast-diffusers"
+FALLBACK_MODEL = "tiny"
+
+NOISE_WARNING = """
+################################################################################################
+#  NO REAL WEIGHTS: running the '{name}' preset with RANDOM weights. The video will be noise.   #
+#  Point LINGBOT_MODEL (or --model) at a LingBot-World Fast folder or a cached hub id.          #
+################################################################################################"""
+
+
+def default_device() -> str:
+    return os.environ.get("LINGBOT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_with_fallback(spec: str | None) -> ModelSource:
+    """An explicit spec must resolve; with none configured, try the real model and fall back to tiny."""
+    spec = spec or os.environ.get("LINGBOT_MODEL")
+    if spec:
+        return resolve_model(spec)
+    try:
+        return resolve_model(DEFAULT_MODEL)
+    except Exception as exc:  # noqa: BLE001 - any failure to find weights means "not configured"
+        log.info("default model not found locally (%s); using the %s preset", exc, FALLBACK_MODEL)
+        return resolve_model(FALLBACK_MODEL)
+
+
+@dataclass
+class EngineInfo:
+    name: str
+    random_weights: bool
+    device: str
+    ranks: int
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        source: ModelSource,
+        dit: torch.nn.Module,
+        vae: StreamingVAE | None,
+        text_encoder,
+        device: torch.device,
+        sp: SequenceParallel = SINGLE,
+    ) -> None:
+        self.source, self.dit, self.vae, self.text_encoder = source, dit, vae, text_encoder
+        self.device, self.sp = device, sp
+        self.ranks_in_sync = True
+        self._lock = threading.Lock()  # the VAE stream and the KV cache are per job: one job at a time
+        self._fixed_context: torch.Tensor | None = None
+
+    # --- construction -----------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        model: str | None = None,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        sp: SequenceParallel = SINGLE,
+        text_encoder: bool = True,
+        seed: int = 0,
+    ) -> "Engine":
+        source = resolve_with_fallback(model)
+        dev = torch.device(device or default_device())
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", sp.rank if sp.enabled else torch.cuda.current_device())
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dtype = dtype or torch.bfloat16
+        if source.kind == "random":
+            log.warning(NOISE_WARNING.format(name=source.preset.name))
+        dit = load_dit(source, dtype=dtype, device=dev, seed=seed)
+        vae = enc = None
+        if sp.is_leader:
+            vae_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+            vae = StreamingVAE(load_vae_for(source, vae_dtype, dev))
+            if text_encoder:
+                enc = load_text_encoder_for(source, dtype if dev.type == "cuda" else torch.float32, dev)
+        engine = cls(source=source, dit=dit, vae=vae, text_encoder=enc, device=dev, sp=sp)
+        if sp.is_leader and not text_encoder:
+            # Benchmarks skip the 11 GB encoder: a fixed random context with a typical prompt length.
+            g = torch.Generator().manual_seed(seed)
+            engine._fixed_context = torch.randn(120, dit.cfg.text_dim, generator=g)
+        return engine
+
+    @property
+    def preset(self) -> ModelPreset:
+        return self.source.preset or PRESETS["lingbot-world-fast"]
+
+    @property
+    def info(self) -> EngineInfo:
+        name = self.source.preset.name if self.source.kind == "random" else str(self.source.path)
+        return EngineInfo(name, self.source.kind == "random", str(self.device), self.sp.world)
+
+    # --- the pieces the rollout asks the leader for ----------------------------------------------------
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        if self.text_encoder is None:
+            return self._fixed_context
+        return self.text_encoder.encode(prompt).float()
+
+    def condition_stream(self, image: torch.Tensor, num_chunks: int) -> Iterator[torch.Tensor]:
+        self.vae.start_condition(image)
+        for _ in range(num_chunks):
+            yield self.vae.next_condition_chunk()
+
+    def decoder(self) -> StreamingVAE:
+        self.vae.start_decode()
+        return self.vae
+
+    # --- a job ----------------------------------------------------------------------------------------------
+    def rollout(self, job: RolloutJob) -> Iterator[ChunkOutput]:
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("engine is busy with another job")
+        try:
+            yield from rollout(self, job)
+        finally:
+            if self.vae is not None:
+                self.vae.reset()
+            self._lock.release()

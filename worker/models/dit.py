@@ -1,0 +1,376 @@
+"""LingBot-World Fast DiT: the causal Wan2.1-14B block stack with LingBot camera adapters.
+
+Parameter names and shapes are the official ones (reference/official_fast_keys.txt), so a real checkpoint
+loads with strict=True. The forward follows reference/fast_rollout.md section 5:
+
+    tokens = patch_embed([noisy 16 | mask 4 | image latent 16])            (f, h, w) row-major
+    e, e0  = time MLPs of the sinusoidal t embedding                        fp32, one row: every token shares t
+    for each block:
+        x += gate1 * self_attn(LN(x) * (1 + scale1) + shift1)              RoPE'd K/V go to the cache first
+        x  = (1 + cam_scale) * x + cam_shift                                per chunk, precomputed
+        x += cross_attn(norm3(x), text)                                     text K/V per prompt, precomputed
+        x += gate2 * ffn(LN(x) * (1 + scale2) + shift2)
+    out = head(LN(x) * (1 + scale) + shift)  ->  unpatchify to [16, F, H/8, W/8]
+
+The residual stream stays in fp32 and the matmuls run in the weights' dtype (bf16), as under the official
+autocast. Work that does not change inside a chunk (RoPE tables, camera modulation, cache slots) is built
+once by `prepare_chunk`; work that does not change inside a job (text K/V, time embeddings) once per job.
+With sequence parallelism every rank runs the blocks on 1/N of the tokens (see worker/parallel/sp.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.config import CHUNK_LATENT_FRAMES, DiTConfig
+from worker.models.kv_cache import KVCache
+from worker.parallel.sp import SINGLE, SequenceParallel
+
+
+# --- small pieces -------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Wan's RMSNorm over the full model dim (across heads): normalise in fp32, scale in the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+def layer_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[cos(t w_k), sin(t w_k)], w_k = 10000^(-k/half), in float64 like the official code."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    arg = t.to(torch.float64)[:, None] * freqs[None]
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+
+
+def rope_tables(cfg: DiTConfig, start_frame: int, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [L, head_dim/2] for tokens (f, h, w) at absolute latent frame start_frame + f.
+
+    The head dim is rotated in consecutive channel pairs; the pairs are split (t, h, w) = [22, 21, 21].
+    """
+    f, h, w = grid
+    if start_frame + f > cfg.rope_max_positions:
+        raise ValueError(
+            f"latent frame {start_frame + f} is past the RoPE table ({cfg.rope_max_positions} frames)"
+        )
+    angles = []
+    for n_ch, pos in zip(
+        cfg.rope_split,
+        (torch.arange(start_frame, start_frame + f), torch.arange(h), torch.arange(w)),
+    ):
+        inv = 1.0 / torch.pow(cfg.rope_theta, torch.arange(0, n_ch, 2, dtype=torch.float64) / n_ch)
+        angles.append(pos.to(torch.float64)[:, None] * inv[None])
+    at, ah, aw = angles
+    full = torch.cat(
+        [
+            at[:, None, None, :].expand(f, h, w, -1),
+            ah[None, :, None, :].expand(f, h, w, -1),
+            aw[None, None, :, :].expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, -1)
+    return torch.cos(full).float().to(device), torch.sin(full).float().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, L, H, D] with (2j, 2j+1) as a complex pair; cos/sin [L, D/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    a, b = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).type_as(x)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L, H, D] in and out; SDPA picks cuDNN/flash on GPU from the strides we hand it."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+# --- per-job and per-chunk context --------------------------------------------------------------------------
+@dataclass
+class ChunkContext:
+    grid: tuple[int, int, int]  # latent (F, h, w) after patching
+    start_frame: int
+    num_tokens: int  # true tokens in the chunk (before sharding pads)
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cam_scale: list[torch.Tensor]  # per block, this rank's tokens [B, Ls, dim]
+    cam_shift: list[torch.Tensor]
+    cache: KVCache | None
+    attn_mask: torch.Tensor | None = None
+
+
+# --- blocks -------------------------------------------------------------------------------------------------
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, cfg.eps)
+        self.norm_k = RMSNorm(d, cfg.eps)
+
+    def forward(
+        self, x: torch.Tensor, ctx: ChunkContext, layer: int, sp: SequenceParallel, cache_only: bool = False
+    ) -> torch.Tensor | None:
+        b, s, _ = x.shape
+        hd = (self.num_heads, self.head_dim)
+        q = self.norm_q(self.q(x)).view(b, s, *hd)
+        k = self.norm_k(self.k(x)).view(b, s, *hd)
+        v = self.v(x).view(b, s, *hd)
+        # One all-to-all for q, k and v: tokens split -> heads split.
+        q, k, v = sp.seq_to_heads(torch.stack([q, k, v]), ctx.num_tokens).unbind(0)
+        q = apply_rope(q, ctx.cos, ctx.sin)
+        k = apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.write(layer, k, v)
+        if cache_only:
+            return None
+        out = attention(q, k, v, ctx.attn_mask)
+        return self.o(sp.heads_to_seq(out).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, cfg.eps)
+        self.norm_k = RMSNorm(d, cfg.eps)
+
+    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, _ = context.shape
+        k = self.norm_k(self.k(context)).view(b, n, self.num_heads, self.head_dim)
+        v = self.v(context).view(b, n, self.num_heads, self.head_dim)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, s, self.num_heads, self.head_dim)
+        return self.o(attention(q, *kv).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.eps = cfg.eps
+        self.modulation = nn.Parameter(torch.zeros(1, 6, d))
+        self.self_attn = SelfAttention(cfg)
+        self.cross_attn = CrossAttention(cfg)
+        self.norm3 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=True)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.cam_injector_layer1 = nn.Linear(d, d)
+        self.cam_injector_layer2 = nn.Linear(d, d)
+        self.cam_scale_layer = nn.Linear(d, d)
+        self.cam_shift_layer = nn.Linear(d, d)
+
+    def camera_modulation(self, cam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.cam_injector_layer2(F.silu(self.cam_injector_layer1(cam))) + cam
+        return self.cam_scale_layer(h), self.cam_shift_layer(h)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # fp32 residual stream [B, Ls, dim]
+        e0: torch.Tensor,  # fp32 [B, 6, dim]
+        text_kv: tuple[torch.Tensor, torch.Tensor],
+        ctx: ChunkContext,
+        layer: int,
+        sp: SequenceParallel,
+        cache_only: bool = False,
+    ) -> torch.Tensor:
+        wdt = self.modulation.dtype
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
+        h = layer_norm(x, self.eps) * (1 + scale1) + shift1
+        attn = self.self_attn(h.to(wdt), ctx, layer, sp, cache_only)
+        if cache_only:
+            return x
+        x = x + gate1 * attn.float()
+        # Camera: the per-chunk scale/shift were computed once in prepare_chunk.
+        x = (1 + ctx.cam_scale[layer]) * x + ctx.cam_shift[layer]
+        x = x + self.cross_attn(layer_norm(x, self.eps, self.norm3.weight, self.norm3.bias).to(wdt), text_kv).float()
+        h = layer_norm(x, self.eps) * (1 + scale2) + shift2
+        return x + gate2 * self.ffn(h.to(wdt)).float()
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.eps = cfg.eps
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)
+        h = layer_norm(x, self.eps) * (1 + scale) + shift
+        return self.head(h.to(self.head.weight.dtype)).float()
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+class LingBotDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embedding_wancamctrl = nn.Linear(cfg.camera_in_features, d)
+        self.c2ws_hidden_states_layer1 = nn.Linear(d, d)
+        self.c2ws_hidden_states_layer2 = nn.Linear(d, d)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def init_random(self, seed: int = 0) -> "LingBotDiT":
+        """Deterministic random weights, drawn on the model's device (a 14B init on the CPU takes minutes).
+
+        Scaled 1/sqrt(fan_in) so activations stay O(1); the camera scale/shift get a tenth of that so forty
+        multiplicative camera modulations do not overflow bf16. Benchmarks only need realistic magnitudes.
+        """
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif p.dim() == 1:  # norm weights
+                    p.fill_(1.0)
+                else:
+                    fan_in = p.shape[-1] if name.endswith("modulation") else p[0].numel()
+                    std = fan_in**-0.5 * (0.1 if ("cam_scale" in name or "cam_shift" in name) else 1.0)
+                    p.normal_(0.0, std, generator=g)
+        return self
+
+    # --- per-job work ---------------------------------------------------------------------------------------
+    def encode_text(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Text K/V of every block, computed once per prompt.
+
+        context: [B, n, text_dim] (real tokens only). Zero-padded to text_len like the official model, and the
+        pads are attended (the official cross-attention has no mask).
+        """
+        b, n, _ = context.shape
+        if n > self.cfg.text_len:
+            raise ValueError(f"prompt has {n} tokens, more than text_len={self.cfg.text_len}")
+        padded = context.new_zeros(b, self.cfg.text_len, self.cfg.text_dim)
+        padded[:, :n] = context
+        emb = self.text_embedding(padded.to(self.dtype))
+        return [blk.cross_attn.text_kv(emb) for blk in self.blocks]
+
+    def time_embedding_for(self, t: float, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e, e0) in fp32. Every token shares t, so one row stands for all of them."""
+        tt = torch.full((batch,), float(t), device=self.device)
+        sin = sinusoidal_embedding(self.cfg.freq_dim, tt).float()
+        l0, l2 = self.time_embedding[0], self.time_embedding[2]
+        e = F.linear(F.silu(F.linear(sin, l0.weight.float(), l0.bias.float())), l2.weight.float(), l2.bias.float())
+        lp = self.time_projection[1]
+        e0 = F.linear(F.silu(e), lp.weight.float(), lp.bias.float()).unflatten(1, (6, self.cfg.dim))
+        return e, e0
+
+    # --- per-chunk work -------------------------------------------------------------------------------------
+    def camera_tokens(self, plucker: torch.Tensor) -> torch.Tensor:
+        """[B, 384, F, H/8, W/8] -> [B, L, 1536]: the 1x2x2 patch, channel-major like the official einops."""
+        b, c, f, h, w = plucker.shape
+        pt, ph, pw = self.cfg.patch_size
+        x = plucker.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
+        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # b, f, h, w, c, pt, ph, pw
+        return x.reshape(b, (f // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
+
+    def prepare_chunk(
+        self,
+        plucker: torch.Tensor,
+        start_frame: int,
+        cache: KVCache | None,
+        sp: SequenceParallel = SINGLE,
+        attn_mask: torch.Tensor | None = None,
+    ) -> ChunkContext:
+        """Everything a chunk's five forwards share: RoPE tables, cache slots and the camera modulation."""
+        _, _, f, h, w = plucker.shape
+        pt, ph, pw = self.cfg.patch_size
+        grid = (f // pt, h // ph, w // pw)
+        n = math.prod(grid)
+        cos, sin = rope_tables(self.cfg, start_frame, grid, self.device)
+        if cache is not None:
+            cache.begin_chunk(start_frame, grid[0])
+        p = self.patch_embedding_wancamctrl(sp.shard(self.camera_tokens(plucker.to(self.device, self.dtype))))
+        cam = p + self.c2ws_hidden_states_layer2(F.silu(self.c2ws_hidden_states_layer1(p)))
+        scales, shifts = zip(*(blk.camera_modulation(cam) for blk in self.blocks)) if self.blocks else ((), ())
+        return ChunkContext(grid, start_frame, n, cos, sin, list(scales), list(shifts), cache, attn_mask)
+
+    # --- the forward --------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, 16, F, H/8, W/8] noisy latents
+        y: torch.Tensor,  # [B, 20, F, H/8, W/8] mask + image latents
+        t: float,
+        text_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        ctx: ChunkContext,
+        sp: SequenceParallel = SINGLE,
+        cache_only: bool = False,
+        time_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
+        """Flow prediction [B, 16, F, H/8, W/8] in fp32; with cache_only, fill the K/V cache and stop."""
+        b = x.shape[0]
+        tokens = self.patch_embedding(torch.cat([x, y], dim=1).to(self.dtype))
+        tokens = tokens.flatten(2).transpose(1, 2)  # [B, L, dim], (f, h, w) row-major
+        h = sp.shard(tokens).float()
+        e, e0 = time_emb if time_emb is not None else self.time_embedding_for(t, b)
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, e0, text_kv[i], ctx, i, sp, cache_only=cache_only and i == last)
+        if cache_only:
+            return None
+        out = sp.gather(self.head(h, e), ctx.num_tokens)
+        return self.unpatchify(out, ctx.grid)
+
+    def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """'f h w (p q r c) -> c (f p) (h q) (w r)' with c = out_dim last inside the 64."""
+        b = out.shape[0]
+        f, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        c = self.cfg.out_dim
+        x = out.reshape(b, f, h, w, pt, ph, pw, c)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, c, f * pt, h * ph, w * pw)
+
+
+def build_dit(cfg: DiTConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+              seed: int | None = 0) -> LingBotDiT:
+    """A DiT with random weights drawn on `device` (seed), or left on `meta` for the loader (seed=None)."""
+    with torch.device("meta"):
+        model = LingBotDiT(cfg).to(dtype)
+    if seed is None:
+        return model
+    model = model.to_empty(device=device).init_random(seed)
+    return model.eval().requires_grad_(False)
+
+
+def num_chunk_tokens(cfg: DiTConfig, lat_h: int, lat_w: int) -> int:
+    pt, ph, pw = cfg.patch_size
+    return (CHUNK_LATENT_FRAMES // pt) * (lat_h // ph) * (lat_w // pw)

@@ -1,0 +1,146 @@
+"""UMT5-XXL text encoder (transformers.UMT5EncoderModel) with official Wan prompt handling and a small prompt cache.
+
+Official semantics (wan/modules/t5.py): clean whitespace, tokenize with padding to max_length=text_len (512) and
+truncation, run the encoder with the attention mask, return the hidden states trimmed to the real token count
+(incl. </s>). The DiT zero-pads back to text_len itself.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+
+from worker.config import DiTConfig
+
+TEXT_LEN = DiTConfig().text_len  # tokens the encoder pads to (official text_len)
+
+
+def clean_prompt(text: str) -> str:
+    """Official 'whitespace' clean: html-unescape (twice, as Wan's basic_clean), collapse whitespace, strip.
+
+    Wan also runs ftfy.fix_text; we use it when installed (it only repairs mojibake).
+    """
+    try:
+        import ftfy  # type: ignore
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class TextEncoder:
+    """Prompt -> [n_tokens, d_model] embeddings, with an LRU cache (CPU) of recent prompts and offload support."""
+
+    def __init__(
+        self,
+        model: UMT5EncoderModel,
+        tokenizer: PreTrainedTokenizerBase,
+        device: str | torch.device | None = None,
+        text_len: int = TEXT_LEN,
+        cache_size: int = 16,
+        offload_after_encode: bool = False,
+    ) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.text_len = text_len
+        self.cache_size = cache_size
+        self.offload_after_encode = offload_after_encode
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.d_model
+
+    # ---- placement ------------------------------------------------------------------------------------------
+    def offload(self) -> "TextEncoder":
+        """Move the encoder weights to host RAM (frees ~11 GB of GPU memory at full size); the cache stays usable."""
+        self.model.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return self
+
+    def to(self, device: str | torch.device) -> "TextEncoder":
+        """Move the encoder to `device` and make it the compute/output device."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    # ---- encoding ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _run(self, text: str) -> torch.Tensor:
+        batch = self.tokenizer(
+            [text], padding="max_length", truncation=True, max_length=self.text_len,
+            add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+        )
+        if next(self.model.parameters()).device != self.device:
+            self.model.to(self.device)  # brought back from an offload on demand
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state[0]
+        n = int(mask[0].sum())
+        out = hidden[:n]
+        if self.offload_after_encode:
+            self.offload()
+        return out
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        """[n_tokens, d_model] in the encoder's dtype, on `self.device`; n_tokens <= text_len (trimmed)."""
+        key = clean_prompt(prompt)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return hit.to(self.device)
+            self.misses += 1
+            out = self._run(key)
+            if self.cache_size > 0:
+                self._cache[key] = out.to("cpu")  # cached copy in host RAM: small (n x d_model)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            return out
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+def build_text_encoder(
+    kwargs: dict, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0, **enc_kw
+) -> TextEncoder:
+    """Random-init UMT5 encoder from UMT5Config kwargs (a preset's `text_encoder`) + the in-code tiny tokenizer."""
+    from worker.models.tokenizer_tiny import build_tiny_tokenizer
+
+    cfg = UMT5Config(**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UMT5EncoderModel(cfg)
+    model = model.to(device=device, dtype=dtype)
+    tok = build_tiny_tokenizer(cfg.vocab_size, model_max_length=enc_kw.get("text_len", TEXT_LEN))
+    return TextEncoder(model, tok, device=device, **enc_kw)
+
+
+def load_text_encoder(
+    folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", **enc_kw
+) -> TextEncoder:
+    """Load `folder/text_encoder` + `folder/tokenizer` (diffusers layout), local files only."""
+    folder = Path(folder)
+    model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    return TextEncoder(model.to(device), tok, device=device, **enc_kw)

@@ -1,0 +1,180 @@
+"""Wan2.1 VAE glue: latent normalisation, streamed condition encode and streamed decode.
+
+Both directions drive `diffusers.AutoencoderKLWan`'s encoder/decoder with its causal feature cache exactly the way
+its own `_encode` / `_decode` loops do (encoder: frame 0 alone, then groups of 4 pixel frames; decoder: one latent
+frame at a time, `first_chunk=True` only for latent frame 0). Because we make the same per-call invocations, in the
+same order, on the same cache, a streamed run reproduces the one-shot result: the decode bit for bit (tested with
+torch.equal), the encode up to the 1x1x1 `quant_conv`, which diffusers applies to the whole clip at once and we apply
+per chunk (a pointwise conv; equal bit for bit in practice: checked on CPU fp32 and on an H200 in fp32 and bf16 with
+the full-size VAE at 480x832, both directions torch.equal).
+
+The cache lives in the wrapped model's `_feat_map` / `_enc_feat_map` lists (`clear_cache()` resets them); a
+StreamingVAE owns one model, so only one streamed encode and one streamed decode may be in flight at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+
+from worker.config import MASK_CHANNELS, VAE_STRIDE, VAE_Z_DIM, pixel_frames_for_chunk
+
+# Latent channels of the DiT's condition y: 4 mask channels then the 16-channel image latent.
+CONDITION_CHANNELS = MASK_CHANNELS + VAE_Z_DIM
+
+
+def build_vae(
+    preset_vae_kwargs: dict, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
+) -> AutoencoderKLWan:
+    """Random-init AutoencoderKLWan (for tiny presets / tests). Seeded so every rank and every test gets the same."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKLWan(**preset_vae_kwargs)
+    # nn.Module.to: AutoencoderKLWan keeps no module in fp32, so ModelMixin's cast warning does not apply.
+    torch.nn.Module.to(vae, device=device, dtype=dtype)
+    return vae.eval().requires_grad_(False)
+
+
+def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> AutoencoderKLWan:
+    """Load `folder/vae` (diffusers layout) from local files only."""
+    vae = AutoencoderKLWan.from_pretrained(Path(folder) / "vae", torch_dtype=dtype, local_files_only=True)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+class StreamingVAE:
+    """Wraps an AutoencoderKLWan: normalised latents in/out, chunk-wise causal encode of the condition and decode.
+
+    Normalisation follows the official Wan2_1_VAE: z = (mu - mean) * (1/std), x = z / (1/std) + mean, using the posterior
+    mean (no sampling). Tensors are unbatched ([C, T, H, W]) at this API; a batch dim of 1 is added internally.
+    """
+
+    def __init__(self, vae: AutoencoderKLWan) -> None:
+        self.vae = vae.eval().requires_grad_(False)
+        p = next(vae.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        z = vae.config.z_dim
+        if z != VAE_Z_DIM:
+            raise ValueError(f"VAE z_dim {z} != {VAE_Z_DIM} (the DiT's latent space)")
+        # fp32 stats; the reciprocal is taken once like the official `scale = [mean, 1.0 / std]`.
+        self._mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32, device=self.device).view(z, 1, 1, 1)
+        self._inv_std = 1.0 / torch.tensor(vae.config.latents_std, dtype=torch.float32, device=self.device).view(z, 1, 1, 1)
+        self._enc_chunk: int | None = None  # next condition chunk index, None = not started
+        self._enc_h = self._enc_w = 0
+        self._dec_chunk: int | None = None
+        self.reset()
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Drop all streaming state (call between jobs; also safe after an exception mid-stream)."""
+        self.vae.clear_cache()
+        self._enc_chunk = None
+        self._dec_chunk = None
+        self._enc_image = None
+
+    # ---- normalisation ------------------------------------------------------------------------------------
+    def normalize(self, mu: torch.Tensor) -> torch.Tensor:
+        """[16, T, h, w] posterior mean -> DiT latent (fp32)."""
+        return (mu.float() - self._mean) * self._inv_std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """DiT latent -> VAE latent, in the VAE's dtype."""
+        return (z.float() / self._inv_std + self._mean).to(self.dtype)
+
+    # ---- condition encode ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def start_condition(self, image: torch.Tensor) -> None:
+        """Begin a streamed encode of the clip [image, 0, 0, ...] (pixel values in [-1, 1]; 0 = mid-grey).
+
+        image: [3, H, W], H and W multiples of 8 (already resized to the output size).
+        """
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"condition image must be [3, H, W], got {tuple(image.shape)}")
+        h, w = image.shape[1:]
+        if h % VAE_STRIDE[1] or w % VAE_STRIDE[2]:
+            raise ValueError(f"image size {w}x{h} is not a multiple of {VAE_STRIDE[2]}x{VAE_STRIDE[1]}")
+        self.vae._enc_conv_num = self.vae._cached_conv_counts["encoder"]
+        self.vae._enc_feat_map = [None] * self.vae._enc_conv_num
+        self._enc_image = image.to(device=self.device, dtype=self.dtype)
+        self._enc_h, self._enc_w = h, w
+        self._enc_chunk = 0
+
+    def _encoder_step(self, frames: torch.Tensor) -> torch.Tensor:
+        # One call of diffusers' per-group encoder loop: conv index restarts, cache carries over.
+        self.vae._enc_conv_idx = [0]
+        return self.vae.encoder(frames, feat_cache=self.vae._enc_feat_map, feat_idx=self.vae._enc_conv_idx)
+
+    @torch.no_grad()
+    def next_condition_chunk(self) -> torch.Tensor:
+        """Next 3 latent frames of y = cat(mask[4], normalised latent[16]) -> [20, 3, H/8, W/8] fp32."""
+        if self._enc_chunk is None:
+            raise RuntimeError("next_condition_chunk() before start_condition()")
+        k = self._enc_chunk
+        n = pixel_frames_for_chunk(k)
+        clip = torch.zeros(1, 3, n, self._enc_h, self._enc_w, dtype=self.dtype, device=self.device)
+        outs = []
+        t = VAE_STRIDE[0]
+        if k == 0:
+            clip[0, :, 0] = self._enc_image
+            outs.append(self._encoder_step(clip[:, :, :1]))  # latent frame 0 <- pixel frame 0 alone
+            groups = [clip[:, :, 1 + t * i : 1 + t * (i + 1)] for i in range((n - 1) // t)]
+        else:
+            groups = [clip[:, :, t * i : t * (i + 1)] for i in range(n // t)]
+        outs += [self._encoder_step(g) for g in groups]
+        moments = self.vae.quant_conv(torch.cat(outs, 2))
+        mu = moments[:, :VAE_Z_DIM]  # DiagonalGaussianDistribution.mean = first half of the channels
+        lat = self.normalize(mu[0])
+        mask = torch.zeros(MASK_CHANNELS, *lat.shape[1:], dtype=lat.dtype, device=lat.device)
+        if k == 0:
+            mask[:, 0] = 1.0  # official msk: latent frame 0 (the given image) is known
+        self._enc_chunk = k + 1
+        return torch.cat([mask, lat], 0)
+
+    @torch.no_grad()
+    def encode_condition(self, image: torch.Tensor, num_chunks: int) -> torch.Tensor:
+        """One-shot reference (official semantics): diffusers' own encode of the whole clip -> [20, 3*num_chunks, h, w]."""
+        f = sum(pixel_frames_for_chunk(i) for i in range(num_chunks))
+        clip = torch.zeros(1, 3, f, *image.shape[1:], dtype=self.dtype, device=self.device)
+        clip[0, :, 0] = image.to(device=self.device, dtype=self.dtype)
+        mu = self.vae.encode(clip).latent_dist.mean
+        lat = self.normalize(mu[0])
+        mask = torch.zeros(MASK_CHANNELS, *lat.shape[1:], dtype=lat.dtype, device=lat.device)
+        mask[:, 0] = 1.0
+        return torch.cat([mask, lat], 0)
+
+    # ---- decode ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def start_decode(self) -> None:
+        self.vae._conv_num = self.vae._cached_conv_counts["decoder"]
+        self.vae._feat_map = [None] * self.vae._conv_num
+        self._dec_chunk = 0
+
+    @torch.no_grad()
+    def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [16, T, h, w] (T = 3 per chunk) -> pixels [3, T', H, W] in [-1, 1], in the VAE dtype.
+
+        T' = 1 + 4 (T - 1) for the first chunk of a stream, 4 T afterwards.
+        """
+        if self._dec_chunk is None:
+            raise RuntimeError("decode_chunk() before start_decode()")
+        x = self.vae.post_quant_conv(self.denormalize(latents)[None])
+        outs = []
+        for i in range(x.shape[2]):
+            # Same call as diffusers' _decode loop; `first_chunk` only for the very first latent frame of the stream.
+            self.vae._conv_idx = [0]
+            first = self._dec_chunk == 0 and i == 0
+            kw = {"first_chunk": True} if first else {}
+            outs.append(self.vae.decoder(x[:, :, i : i + 1], feat_cache=self.vae._feat_map, feat_idx=self.vae._conv_idx, **kw))
+        self._dec_chunk += 1
+        return torch.clamp(torch.cat(outs, 2), min=-1.0, max=1.0)[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """One-shot reference: diffusers' own decode of normalised latents [16, T, h, w] -> [3, F, H, W]."""
+        out = self.vae.decode(self.denormalize(latents)[None]).sample[0]
+        self.vae.clear_cache()
+        return out
+
+
+__all__ = ["StreamingVAE", "build_vae", "load_vae", "CONDITION_CHANNELS"]

@@ -1,0 +1,271 @@
+"""A warm pool of ranks for one worker: this process is rank 0, it spawns ranks 1..N-1 once.
+
+Each rank loads the DiT and waits on a pipe for jobs; for each job rank 0 sends the job spec (the image
+stays on rank 0) and all ranks run the rollout in lockstep over torch.distributed (NCCL on GPU, gloo on CPU).
+Commands travel over pipes, not collectives, so an idle pool never trips a collective timeout.
+
+Failure handling: a monitor thread watches the rank processes. A rank that dies makes the running
+collective fail (gloo: at once; NCCL: the monitor aborts the communicator, or the process-group timeout
+fires), the job fails with a clear error, and the pool turns unhealthy for good: the platform must replace
+the worker (RunPod refresh_worker, Modal container exit). A hang is bounded by LINGBOT_RANK_TIMEOUT_S.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import multiprocessing as mp
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from worker.engine import Engine
+from worker.parallel.sp import SequenceParallel
+from worker.rollout import ChunkOutput, RolloutJob
+
+log = logging.getLogger("worker.pool")
+
+# NVLink SHARP / multicast stays off everywhere (the lent machines and many clouds do not support it).
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+class RankFailure(RuntimeError):
+    """A rank died, hung or fell out of step: the job failed and the worker must be replaced."""
+
+    fatal = True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _backend(device: str) -> str:
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def _init_group(rank: int, world: int, port: int, device: str, timeout_s: float) -> None:
+    dist.init_process_group(
+        _backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def _follower_main(rank: int, world: int, port: int, model: str | None, device: str, dtype: torch.dtype | None,
+                   timeout_s: float, text_encoder: bool, conn) -> None:
+    os.environ.update(MULTICAST_OFF)
+    if not device.startswith("cuda"):
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    try:
+        _init_group(rank, world, port, device, timeout_s)
+        dev = f"cuda:{rank}" if device.startswith("cuda") else device
+        engine = Engine.load(model, device=dev, dtype=dtype, sp=SequenceParallel(rank, world),
+                             text_encoder=text_encoder)
+        conn.send(("ready", None))
+    except BaseException as exc:  # noqa: BLE001 - report, then die
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+    while True:
+        msg = conn.recv()
+        cmd = msg[0]
+        if cmd == "stop":
+            break
+        if cmd == "job":
+            try:
+                for _ in engine.rollout(msg[1]):
+                    pass
+                conn.send(("done", None))
+            except BaseException as exc:  # noqa: BLE001
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                if not engine.ranks_in_sync:
+                    raise
+        elif cmd == "memory":
+            peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+            conn.send(("memory", peak))
+        elif cmd == "reset_memory":
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            conn.send(("ok", None))
+    dist.destroy_process_group()
+
+
+class RankPool:
+    def __init__(self, engine: Engine, procs: list, conns: list, timeout_s: float) -> None:
+        self.engine = engine
+        self.procs, self.conns = procs, conns
+        self.timeout_s = timeout_s
+        self.unhealthy_reason: str | None = None
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name="rank-monitor", daemon=True)
+        self._monitor.start()
+
+    @classmethod
+    def start(
+        cls,
+        model: str | None,
+        *,
+        ranks: int,
+        device: str,
+        dtype: torch.dtype | None = None,
+        text_encoder: bool = True,
+        timeout_s: float | None = None,
+    ) -> "RankPool":
+        """Spawn ranks 1..N-1, load the model on every rank, return when all are ready."""
+        timeout_s = timeout_s or float(os.environ.get("LINGBOT_RANK_TIMEOUT_S", "300"))
+        if ranks < 1:
+            raise ValueError(f"ranks: {ranks} must be >= 1")
+        os.environ.update(MULTICAST_OFF)  # inherited by the spawned ranks
+        if device.startswith("cuda") and torch.cuda.device_count() < ranks:
+            raise ValueError(f"ranks: {ranks} GPUs asked for, {torch.cuda.device_count()} visible")
+        port = _free_port()
+        ctx = mp.get_context("spawn")
+        procs, conns = [], []
+        for rank in range(1, ranks):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_follower_main, name=f"lingbot-rank{rank}", daemon=True,
+                            args=(rank, ranks, port, model, device, dtype, timeout_s, text_encoder, child))
+            p.start()
+            procs.append(p)
+            conns.append(parent)
+        try:
+            _init_group(0, ranks, port, device, timeout_s)
+            dev = "cuda:0" if device.startswith("cuda") else device
+            engine = Engine.load(model, device=dev, dtype=dtype, sp=SequenceParallel(0, ranks),
+                                 text_encoder=text_encoder)
+            if engine.dit.cfg.num_heads % ranks:
+                raise ValueError(f"ranks: {ranks} must divide the {engine.dit.cfg.num_heads} attention heads")
+            for rank, conn in enumerate(conns, start=1):
+                kind, detail = _recv(conn, procs[rank - 1], timeout_s)
+                if kind != "ready":
+                    raise RankFailure(f"rank {rank} failed to load the model: {detail}")
+        except BaseException:
+            for p in procs:
+                p.kill()
+            raise
+        log.info("rank pool ready: %d ranks on %s", ranks, device)
+        return cls(engine, procs, conns, timeout_s)
+
+    # --- health ---------------------------------------------------------------------------------------------
+    @property
+    def world(self) -> int:
+        return len(self.procs) + 1
+
+    @property
+    def healthy(self) -> bool:
+        return self.unhealthy_reason is None
+
+    def _mark_unhealthy(self, reason: str) -> None:
+        if self.unhealthy_reason is None:
+            self.unhealthy_reason = reason
+            log.error("rank pool unhealthy: %s", reason)
+
+    def _dead_rank(self) -> str | None:
+        for rank, p in enumerate(self.procs, start=1):
+            if not p.is_alive():
+                return f"rank {rank} exited with code {p.exitcode}"
+        return None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.25):
+            dead = self._dead_rank()
+            if dead and self.unhealthy_reason is None:
+                self._mark_unhealthy(dead)
+                _abort_collectives()
+
+    # --- jobs -------------------------------------------------------------------------------------------
+    def rollout(self, job: RolloutJob) -> Iterator[ChunkOutput]:
+        if not self.healthy:
+            raise RankFailure(f"worker is unhealthy ({self.unhealthy_reason}); it must be replaced")
+        spec = replace(job, image=None)  # the image condition is encoded on rank 0 and broadcast
+        for conn in self.conns:
+            conn.send(("job", spec))
+        completed = False
+        try:
+            yield from self.engine.rollout(job)
+            completed = True
+        except GeneratorExit:
+            raise
+        except Exception as exc:
+            dead = self._dead_rank()
+            if dead or not self.engine.ranks_in_sync:
+                self._mark_unhealthy(dead or f"ranks out of step after: {exc}")
+                raise RankFailure(f"multi-GPU rollout failed: {self.unhealthy_reason}") from exc
+            raise
+        finally:
+            if self.healthy:
+                self._collect(completed)
+
+    def _collect(self, completed: bool) -> None:
+        """Every rank reports the end of the job; a rank that does not is a failure of the pool."""
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                kind, detail = _recv(conn, self.procs[rank - 1], self.timeout_s)
+            except RankFailure as exc:
+                self._mark_unhealthy(str(exc))
+                continue
+            if kind == "error" and completed:
+                self._mark_unhealthy(f"rank {rank} failed: {detail}")
+
+    def peak_memory(self) -> list[int]:
+        """Peak allocated bytes per rank (GPU only; 0 on CPU)."""
+        dev = self.engine.device
+        out = [torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0]
+        for rank, conn in enumerate(self.conns, start=1):
+            conn.send(("memory", None))
+            out.append(_recv(conn, self.procs[rank - 1], self.timeout_s)[1])
+        return out
+
+    def reset_peak_memory(self) -> None:
+        if self.engine.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.engine.device)
+        for rank, conn in enumerate(self.conns, start=1):
+            conn.send(("reset_memory", None))
+            _recv(conn, self.procs[rank - 1], self.timeout_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        for conn, p in zip(self.conns, self.procs):
+            try:
+                if p.is_alive():
+                    conn.send(("stop", None))
+            except OSError:
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _recv(conn, proc, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while not conn.poll(0.1):
+        if not proc.is_alive():
+            raise RankFailure(f"{proc.name} exited with code {proc.exitcode}")
+        if time.monotonic() > deadline:
+            raise RankFailure(f"{proc.name} did not answer within {timeout_s:.0f} s")
+    try:
+        return conn.recv()
+    except EOFError:
+        raise RankFailure(f"{proc.name} closed its pipe (exit code {proc.exitcode})") from None
+
+
+def _abort_collectives() -> None:
+    """Unblock rank 0 if it waits in an NCCL collective on a dead peer (gloo fails by itself)."""
+    if not dist.is_initialized() or dist.get_backend() != "nccl":
+        return
+    try:
+        dist.distributed_c10d._abort_process_group()  # torch >= 2.6
+    except Exception as exc:  # noqa: BLE001 - best effort; the process-group timeout still bounds the wait
+        log.warning("could not abort NCCL communicators: %s", exc)

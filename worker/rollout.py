@@ -1,0 +1,170 @@
+"""The causal rollout: chunks of 3 latent frames, 4 DMD steps each, a cache refresh, a streamed decode.
+
+Official Fast semantics (reference/fast_rollout.md section 4), per chunk c:
+
+    x = noise[c]                                            one seeded generator, drawn up front for all chunks
+    for i, t in enumerate([999, 978, 947, 825]):
+        v  = dit(x, y[c], t)                                 KV cache holds the clean context of earlier chunks
+        x0 = x - sigma_first(t) * v                          (float64 math)
+        x  = (1 - s') x0 + s' eps   with s' = sigma_second(t_next), eps from the same generator (not after the last)
+    dit(x0, y[c], t=0)                                       refresh: the cache now holds the CLEAN chunk's K/V
+    frames = vae.decode_chunk(x0)                            9 frames for chunk 0, then 12
+
+Every rank runs this loop in lockstep on identical latents (same seed, same device type); only the leader
+encodes text and the image condition (then broadcasts them) and decodes frames. Each chunk starts with a
+one-int broadcast from the leader, so a consumer that stops iterating (cancel) releases the other ranks at
+the next chunk boundary instead of leaving them inside a collective.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from worker.camera import iter_camera_condition
+from worker.config import CHUNK_LATENT_FRAMES, VAE_STRIDE, VAE_Z_DIM, MASK_CHANNELS, pixel_frames_for_chunk
+from worker.models.kv_cache import KVCache
+from worker.schedule import dmd_schedule
+
+_GO, _STOP = 1, 0
+
+
+@dataclass
+class RolloutJob:
+    prompt: str
+    image: torch.Tensor | None  # [3, H, W] in [-1, 1]; leader only
+    num_chunks: int
+    width: int
+    height: int
+    seed: int
+    kv_window: int
+    kv_sink: int
+    camera_actions: list[list[str]] | None = None  # one key set per latent frame, or
+    poses: list | None = None  # official c2w per pixel frame, with
+    intrinsics: list | None = None  # [fx, fy, cx, cy] for 480x832
+
+    def camera_chunks(self) -> Iterator[torch.Tensor]:
+        """[1, 384, 3, H/8, W/8] per chunk; every rank builds it from the job, so only the spec travels."""
+        return iter_camera_condition(
+            width=self.width, height=self.height, num_chunks=self.num_chunks,
+            actions=self.camera_actions, poses=self.poses, intrinsics=self.intrinsics,
+        )
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // VAE_STRIDE[1], self.width // VAE_STRIDE[2]
+
+
+@dataclass
+class ChunkOutput:
+    index: int
+    frame_start: int  # index of the first pixel frame of this chunk in the whole video
+    video: torch.Tensor  # [3, T, H, W] in [-1, 1], on the engine's device
+    latents: torch.Tensor  # [16, 3, H/8, W/8] fp32, the chunk's clean x0
+    stats: dict[str, float] = field(default_factory=dict)  # dit_ms, decode_ms
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _share(engine, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Leader's tensor -> every rank (a no-op on one rank)."""
+    if engine.sp.is_leader:
+        out = tensor.to(engine.device, dtype).reshape(shape).contiguous()
+    else:
+        out = torch.empty(shape, dtype=dtype, device=engine.device)
+    return engine.sp.broadcast(out)
+
+
+def _prompt_context(engine, prompt: str) -> torch.Tensor:
+    sp, d = engine.sp, engine.dit.cfg.text_dim
+    ctx = engine.encode_prompt(prompt) if sp.is_leader else None
+    n = _share(engine, None if ctx is None else torch.tensor([ctx.shape[0]]), (1,), torch.int64)
+    return _share(engine, ctx, (1, int(n.item()), d), torch.float32)
+
+
+def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
+    """Yields one ChunkOutput per chunk on the leader; followers yield nothing and return when told to."""
+    dit, sp, dev = engine.dit, engine.sp, engine.device
+    leader = sp.is_leader
+    sched = dmd_schedule()
+    lat_h, lat_w = job.latent_hw
+    n_lat = CHUNK_LATENT_FRAMES * job.num_chunks
+
+    with torch.inference_mode():
+        gen = torch.Generator(device=dev).manual_seed(job.seed)
+        noise = torch.randn(1, VAE_Z_DIM, n_lat, lat_h, lat_w, generator=gen, device=dev, dtype=torch.float32)
+        text_kv = dit.encode_text(_prompt_context(engine, job.prompt))
+        time_emb = {t: dit.time_embedding_for(t) for t in (*sched.timesteps, 0)}
+        pt, ph, pw = dit.cfg.patch_size
+        cache = KVCache(
+            num_layers=dit.cfg.num_layers,
+            frame_tokens=(lat_h // ph) * (lat_w // pw),
+            total_frames=n_lat // pt,
+            sink=job.kv_sink,
+            window=job.kv_window,
+            heads=dit.cfg.num_heads // sp.world,
+            head_dim=dit.cfg.head_dim,
+            dtype=dit.dtype,
+            device=dev,
+        )
+        cameras = job.camera_chunks()
+        conditions = engine.condition_stream(job.image, job.num_chunks) if leader else None
+        decoder = engine.decoder() if leader else None
+        frame_start = 0
+        finished = False
+        at_boundary = True  # True while every rank waits at the same point (a chunk boundary)
+        try:
+            for c in range(job.num_chunks):
+                go = _share(engine, torch.tensor([_GO]) if leader else None, (1,), torch.int64)
+                if int(go.item()) != _GO:
+                    return
+                at_boundary = False
+                t0 = time.perf_counter()
+                y_shape = (1, MASK_CHANNELS + VAE_Z_DIM, CHUNK_LATENT_FRAMES, lat_h, lat_w)
+                y = _share(engine, next(conditions) if leader else None, y_shape, torch.float32)
+                f0 = c * CHUNK_LATENT_FRAMES
+                ctx = dit.prepare_chunk(next(cameras), f0, cache, sp)
+                x = noise[:, :, f0 : f0 + CHUNK_LATENT_FRAMES]
+                x0 = x
+                for i, t in enumerate(sched.timesteps):
+                    v = dit(x, y, t, text_kv, ctx, sp, time_emb=time_emb[t])
+                    x0 = (x.double() - sched.x0_sigmas[i] * v.double()).float()
+                    if i + 1 < len(sched.timesteps):
+                        s = sched.renoise_sigmas[i]
+                        eps = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
+                        x = (1 - s) * x0 + s * eps
+                dit(x0, y, 0, text_kv, ctx, sp, cache_only=True, time_emb=time_emb[0])
+                del ctx
+                if not leader:
+                    at_boundary = True
+                    continue
+                _sync(dev)
+                t1 = time.perf_counter()
+                video = decoder.decode_chunk(x0[0])
+                _sync(dev)
+                t2 = time.perf_counter()
+                n_frames = pixel_frames_for_chunk(c)
+                assert video.shape[1] == n_frames, (video.shape, n_frames)
+                stats = {"dit_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3}
+                at_boundary = True
+                yield ChunkOutput(c, frame_start, video, x0[0], stats)
+                frame_start += n_frames
+            finished = True
+        finally:
+            if sp.enabled and not finished:
+                if not at_boundary:
+                    # A rank failed inside a chunk: the others sit in a collective we cannot match any more.
+                    engine.ranks_in_sync = False
+                elif leader:
+                    # The consumer stopped early (cancel): release the followers, which wait at the next
+                    # chunk's control broadcast.
+                    try:
+                        _share(engine, torch.tensor([_STOP]), (1,), torch.int64)
+                    except Exception:  # noqa: BLE001 - a broken group is reported by the pool, not here
+                        engine.ranks_in_sync = False

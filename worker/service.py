@@ -1,0 +1,202 @@
+"""One job end to end: validate -> first frame -> rollout -> streamed chunks + MP4 -> storage -> final result.
+
+`JobRunner.run(raw)` is a generator of JSON-ready dicts, the same on every platform:
+    {"type": "chunk", ...} per chunk (split into parts under RunPod's 1 MB item limit) or
+    {"type": "progress", ...} with stream.format == "none", then
+    {"type": "video", ...} last, or {"error": ..., "field": ...} instead of the rest.
+It never raises for a bad job: the worker stays warm for the next one. A consumer that stops iterating
+(cancel) closes the generator; the rollout releases its state and the unfinished MP4 is deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from worker import media, schema
+from worker.camera import CameraError
+from worker.config import FPS
+from worker.inputs import image_to_tensor, input_dir_from_env, load_image
+from worker.netguard import allow_private_from_env
+from worker.rollout import ChunkOutput, RolloutJob
+from worker.storage import StorageConfig, store_video
+
+log = logging.getLogger("worker.service")
+
+# RunPod rejects streamed items over 1 MB; keep the frames well inside it and leave room for the other fields.
+STREAM_ITEM_LIMIT = 1_000_000
+STREAM_FRAME_BUDGET = STREAM_ITEM_LIMIT - 4_096
+
+
+class Generator(Protocol):
+    """What the service needs from the model side: an Engine, or a RankPool in front of one."""
+
+    def rollout(self, job: RolloutJob) -> Iterator[ChunkOutput]: ...
+
+
+class JobFailed(RuntimeError):
+    """A job failed for a reason the caller should read (message is safe to return)."""
+
+
+@dataclass
+class JobRunner:
+    generator: Generator
+    limits: schema.Limits
+    storage: StorageConfig
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    on_fatal: Any = None  # called when the worker must be replaced (a rank died); set by the platform adapter
+
+    @classmethod
+    def from_env(cls, generator: Generator, preset, env: Mapping[str, str] | None = None) -> "JobRunner":
+        env = dict(os.environ if env is None else env)
+        return cls(generator, schema.Limits.for_preset(preset, env), StorageConfig.from_env(env), env)
+
+    # --- the job --------------------------------------------------------------------------------------------
+    def run(self, raw: Any, job_id: str | None = None) -> Iterator[dict[str, Any]]:
+        job_id = _safe_id(job_id)
+        t_start = time.perf_counter()
+        mp4: media.Mp4Writer | None = None
+        try:
+            req = schema.parse_request(raw, self.limits)
+            job = self._prepare(req)
+            path = self._video_path(job_id)
+            mp4 = media.Mp4Writer(path, req.width, req.height)
+            stream = req.request.stream
+            timings: list[dict[str, float]] = []
+            first_chunk_s = None
+            t_loop = time.perf_counter()
+            t_prev = t_loop
+            for chunk in self.generator.rollout(job):
+                t_enc = time.perf_counter()
+                frames = media.frames_to_uint8(chunk.video)
+                mp4.write(frames)
+                items = self._chunk_items(chunk, frames, req, stream)
+                enc_ms = (time.perf_counter() - t_enc) * 1e3
+                now = time.perf_counter()
+                stats = {**chunk.stats, "encode_ms": enc_ms, "chunk_ms": (now - t_prev) * 1e3}
+                t_prev = now
+                timings.append(stats)
+                if first_chunk_s is None:
+                    first_chunk_s = now - t_start
+                for item in items:
+                    item["stats"] = stats
+                    yield item
+            info = mp4.close()
+            mp4 = None
+            t_gen = time.perf_counter() - t_loop
+            out = req.request.output
+            stored = store_video(info.path, s3_uri=out.s3_uri, presign_expires_s=out.presign_expires_s,
+                                 config=self.storage)
+            total_s = time.perf_counter() - t_start
+            result = schema.VideoResult(
+                url=stored["url"], s3_uri=stored["s3_uri"], path=stored["path"], upload_error=stored["upload_error"],
+                bytes=stored["bytes"], num_frames=info.num_frames, fps=FPS, width=req.width, height=req.height,
+                sha256=stored["sha256"], stats=_summary(timings, first_chunk_s, total_s, t_gen, info.num_frames, job.seed),
+            )
+            yield schema.to_builtins(result)
+        except (schema.RequestError, CameraError) as exc:
+            yield _error(str(exc), getattr(exc, "field", None))
+        except torch.OutOfMemoryError:
+            _free_memory()
+            yield _error("out of GPU memory during the rollout; retry with a smaller size, fewer kv_window/"
+                         "kv_sink frames, or on a worker with more GPUs", None)
+        except JobFailed as exc:
+            yield _error(str(exc), None)
+        except Exception as exc:  # noqa: BLE001 - the worker must survive any job
+            log.exception("job %s failed", job_id)
+            fatal = getattr(exc, "fatal", False)
+            if fatal and self.on_fatal is not None:
+                self.on_fatal(str(exc))
+            yield _error(f"internal error: {type(exc).__name__}: {exc}", None)
+        finally:
+            if mp4 is not None:
+                mp4.abort()  # failed or cancelled: no half-written file is left behind
+
+    # --- steps ------------------------------------------------------------------------------------------
+    def _prepare(self, req: schema.ValidRequest) -> RolloutJob:
+        r = req.request
+        img = load_image(
+            req.image, field="image", max_bytes=self.limits.max_image_bytes, max_pixels=self.limits.max_image_pixels,
+            input_dir=input_dir_from_env(dict(self.env)), allow_private=allow_private_from_env(self.env),
+        )
+        seed = r.seed if r.seed is not None else secrets.randbelow(2**31)
+        return RolloutJob(
+            prompt=r.prompt, image=image_to_tensor(img, req.width, req.height), num_chunks=req.num_chunks,
+            width=req.width, height=req.height, seed=seed, kv_window=r.kv_window, kv_sink=r.kv_sink,
+            camera_actions=req.camera_actions, poses=r.poses, intrinsics=r.intrinsics,
+        )
+
+    def _video_path(self, job_id: str) -> Path:
+        folder = self.storage.output_dir / "work"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{job_id}.mp4"
+
+    def _chunk_items(self, chunk: ChunkOutput, frames, req: schema.ValidRequest, stream) -> list[dict[str, Any]]:
+        n = frames.shape[0]
+        if stream.format == "none":
+            return [{"type": "progress", "chunk_index": chunk.index, "frame_start": chunk.frame_start,
+                     "num_frames": n}]
+        encoded = media.encode_frames(frames, stream.format, stream.quality)
+        try:
+            parts = media.split_by_budget(encoded, STREAM_FRAME_BUDGET)
+        except ValueError as exc:
+            raise schema.RequestError("stream.quality", str(exc)) from None
+        items, start = [], chunk.frame_start
+        for i, part in enumerate(parts):
+            items.append({
+                "type": "chunk", "chunk_index": chunk.index, "part": i, "num_parts": len(parts),
+                "frame_start": start, "num_frames": len(part), "width": req.width, "height": req.height,
+                "content_type": media.CONTENT_TYPES[stream.format], "frames": media.b64encode_all(part),
+            })
+            start += len(part)
+        return items
+
+
+def _summary(timings, first_chunk_s, total_s, gen_s, num_frames, seed) -> dict[str, float]:
+    def median(key: str) -> float:
+        vals = sorted(t[key] for t in timings)
+        return vals[len(vals) // 2] if vals else 0.0
+
+    return {
+        "first_chunk_s": round(first_chunk_s or 0.0, 4),
+        "total_s": round(total_s, 4),
+        "generated_fps": round(num_frames / gen_s, 3) if gen_s > 0 else 0.0,
+        "chunks": len(timings),
+        "dit_ms_median": round(median("dit_ms"), 2),
+        "decode_ms_median": round(median("decode_ms"), 2),
+        "encode_ms_median": round(median("encode_ms"), 2),
+        "chunk_ms_median": round(median("chunk_ms"), 2),
+        "seed": seed,
+    }
+
+
+def _error(message: str, field_name: str | None) -> dict[str, Any]:
+    return schema.to_builtins(schema.ErrorResult(error=message, field=field_name))
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+_ID_RE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _safe_id(job_id: str | None) -> str:
+    """Job ids name files: keep them to a safe alphabet and length."""
+    if not job_id:
+        return uuid.uuid4().hex
+    return _ID_RE.sub("_", str(job_id))[:80].lstrip(".") or uuid.uuid4().hex
