@@ -1,0 +1,177 @@
+"""`python -m worker bench`: a warm rollout with full-size random weights, timed per chunk.
+
+Reports per chunk and as medians over the steady state (once the attention span sink + window is full):
+DiT ms (4 steps + cache refresh), decode ms, frame-encode ms (JPEG for the stream + H.264 for the MP4),
+end-to-end chunk ms, generated fps, time to first chunk, peak memory per rank, and MFU: the FLOPs we count
+for a chunk over the DiT time, against a bf16 matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from worker import media
+from worker.config import CHUNK_LATENT_FRAMES, DiTConfig, VAE_STRIDE, pixel_frames_for_chunk
+from worker.rollout import RolloutJob
+from worker.schedule import dmd_schedule
+
+
+def dit_chunk_flops(cfg: DiTConfig, lat_h: int, lat_w: int, kv_frames: int) -> dict[str, float]:
+    """Matmul FLOPs of one chunk: 4 denoising forwards + 1 cache refresh, camera adapters once.
+
+    kv_frames: latent frames the chunk's queries attend to (its own 3 included).
+    """
+    pt, ph, pw = cfg.patch_size
+    frame_tokens = (lat_h // ph) * (lat_w // pw)
+    n = CHUNK_LATENT_FRAMES // pt * frame_tokens
+    nk = kv_frames * frame_tokens
+    d, f, layers = cfg.dim, cfg.ffn_dim, cfg.num_layers
+    linear = 2 * n * d * d * 6 + 2 * n * d * f * 2  # self q,k,v,o + cross q,o; FFN up/down
+    attn = 4 * n * nk * d + 4 * n * cfg.text_len * d  # QK^T + PV for self and cross attention
+    block = linear + attn
+    steps = len(dmd_schedule().timesteps)
+    # the refresh runs every block but the last fully; the last only makes K and V
+    refresh = (layers - 1) * block + 2 * n * d * d * 3
+    camera = layers * 4 * 2 * n * d * d + 2 * n * cfg.camera_in_features * d + 2 * 2 * n * d * d
+    embed_head = 2 * n * cfg.in_dim * math.prod(cfg.patch_size) * d + 2 * n * d * cfg.out_dim * math.prod(cfg.patch_size)
+    total = steps * (layers * block + embed_head) + refresh + camera
+    return {"total": float(total), "per_forward": float(layers * block), "camera": float(camera)}
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float:
+    if device.type != "cuda":
+        n, iters = 1024, 3
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t) / 1e12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bench_job(width: int, height: int, chunks: int, window: int, sink: int, seed: int = 0) -> RolloutJob:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(3, height, width, generator=g) * 2 - 1
+    path = [["w"], ["w"], ["w", "l"], ["l"], [], ["d"]]  # a varied camera: the path does not change the cost
+    actions = [path[i % len(path)] for i in range(chunks * CHUNK_LATENT_FRAMES)]
+    return RolloutJob(prompt="benchmark", image=image, num_chunks=chunks, width=width, height=height, seed=seed,
+                      kv_window=window, kv_sink=sink, camera_actions=actions)
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def run_bench(generator, *, width: int, height: int, chunks: int, window: int, sink: int, warmup_chunks: int,
+              save_latents: Path | None = None) -> dict:
+    engine = getattr(generator, "engine", generator)
+    dev = engine.device
+    cfg = engine.dit.cfg
+    lat_h, lat_w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+    if warmup_chunks:
+        for _ in generator.rollout(_bench_job(width, height, warmup_chunks, window, sink, seed=1)):
+            pass
+    if hasattr(generator, "reset_peak_memory"):
+        generator.reset_peak_memory()
+    elif dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    rows, latents = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        mp4 = media.Mp4Writer(Path(tmp) / "bench.mp4", width, height)
+        t_start = time.perf_counter()
+        t_prev = t_start
+        first_chunk_s = None
+        for out in generator.rollout(_bench_job(width, height, chunks, window, sink)):
+            t0 = time.perf_counter()
+            frames = media.frames_to_uint8(out.video)
+            media.encode_frames(frames, "jpeg", 85)
+            mp4.write(frames)
+            now = time.perf_counter()
+            if first_chunk_s is None:
+                first_chunk_s = now - t_start
+            kv_frames = min((out.index + 1) * CHUNK_LATENT_FRAMES, sink + window)
+            flops = dit_chunk_flops(cfg, lat_h, lat_w, kv_frames)["total"]
+            rows.append({
+                "chunk": out.index, "frames": pixel_frames_for_chunk(out.index), "kv_frames": kv_frames,
+                "dit_ms": out.stats["dit_ms"], "decode_ms": out.stats["decode_ms"], "encode_ms": (now - t0) * 1e3,
+                "chunk_ms": (now - t_prev) * 1e3, "dit_tflop": flops / 1e12,
+            })
+            t_prev = now
+            if save_latents is not None:
+                latents.append(out.latents.float().cpu())
+        mp4.close()
+        total_s = time.perf_counter() - t_start
+    if save_latents is not None:
+        torch.save(torch.cat(latents, dim=1), save_latents)
+
+    ranks = getattr(generator, "world", 1)
+    peak_tflops = matmul_peak_tflops(dev)
+    steady = [r for r in rows if r["kv_frames"] >= min(sink + window, chunks * CHUNK_LATENT_FRAMES) and r["chunk"] > 0]
+    steady = steady or rows[1:] or rows
+    med = {k: _median([r[k] for r in steady]) for k in ("dit_ms", "decode_ms", "encode_ms", "chunk_ms", "dit_tflop")}
+    mfu = med["dit_tflop"] / (med["dit_ms"] / 1e3) / (peak_tflops * ranks)
+    if hasattr(generator, "peak_memory"):
+        peak_mem = generator.peak_memory()
+    else:
+        peak_mem = [torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0]
+    return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "ranks": ranks, "model": engine.info.name, "width": width, "height": height, "chunks": chunks,
+        "kv_window": window, "kv_sink": sink, "steady_chunks": [r["chunk"] for r in steady],
+        "median": med, "generated_fps": 12 / (med["chunk_ms"] / 1e3), "first_chunk_s": first_chunk_s,
+        "total_s": total_s, "matmul_peak_tflops": peak_tflops, "mfu": mfu,
+        "peak_memory_gib": [round(m / 2**30, 2) for m in peak_mem], "rows": rows,
+        "torch": torch.__version__,
+    }
+
+
+def print_table(res: dict) -> None:
+    print(f"\n{res['model']} on {res['ranks']} x {res['device']}  {res['width']}x{res['height']}  "
+          f"window {res['kv_window']} + sink {res['kv_sink']}")
+    print(f"{'chunk':>5} {'kv':>3} {'dit ms':>9} {'decode ms':>9} {'encode ms':>9} {'chunk ms':>9}")
+    for r in res["rows"]:
+        print(f"{r['chunk']:>5} {r['kv_frames']:>3} {r['dit_ms']:>9.1f} {r['decode_ms']:>9.1f} "
+              f"{r['encode_ms']:>9.1f} {r['chunk_ms']:>9.1f}")
+    m = res["median"]
+    print(f"steady median (chunks {res['steady_chunks'][0]}..{res['steady_chunks'][-1]}): DiT {m['dit_ms']:.1f} ms, "
+          f"decode {m['decode_ms']:.1f} ms, encode {m['encode_ms']:.1f} ms, chunk {m['chunk_ms']:.1f} ms "
+          f"-> {res['generated_fps']:.2f} fps generated")
+    print(f"first chunk {res['first_chunk_s']:.3f} s; MFU {100 * res['mfu']:.1f}% of "
+          f"{res['matmul_peak_tflops']:.0f} TFLOP/s x {res['ranks']}; peak memory GiB per rank {res['peak_memory_gib']}")
+
+
+def cmd_bench(a) -> int:
+    from worker.__main__ import load_generator
+
+    width, height = (int(v) for v in a.size.lower().split("x"))
+    model = a.model or "lingbot-world-fast"
+    gen = load_generator(model, a.device, a.ranks, text_encoder=False)
+    try:
+        res = run_bench(gen, width=width, height=height, chunks=a.chunks, window=a.kv_window, sink=a.kv_sink,
+                        warmup_chunks=a.warmup_chunks, save_latents=a.save_latents)
+    finally:
+        if hasattr(gen, "close"):
+            gen.close()
+    res["command"] = "python -m worker " + " ".join(os.sys.argv[1:])
+    print_table(res)
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2))
+    return 0
