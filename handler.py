@@ -1,0 +1,72 @@
+"""RunPod Serverless entry: `python -u handler.py` (the Dockerfile's CMD).
+
+The model loads once, at import (LINGBOT_MODEL, LINGBOT_DEVICE, LINGBOT_NUM_GPUS; see docs/PLATFORMS.md), then
+every job streams JobRunner's items: chunks (or progress), then the video result, or one error item.
+
+Worker replacement: runpod-python honours a *returned* {"refresh_worker": True} only for plain handlers; for
+generator handlers it reads `config["refresh_worker"]` after the job (rp_job.handle_job sets "stopPod" on the
+job result; rp_scale.JobScaler.handle_job then stops the worker loop). `start()` keeps using the very dict it
+was given, so `request_refresh` sets the flag on CONFIG when the rank pool turns unhealthy: the failed job's
+result asks RunPod to stop the pod, the process exits, and RunPod starts a fresh worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from worker.__main__ import load_generator
+from worker.service import JobRunner
+
+log = logging.getLogger("handler")
+
+
+def _load() -> tuple[object, JobRunner]:
+    ranks = os.environ.get("LINGBOT_NUM_GPUS", "").strip()
+    generator = load_generator(os.environ.get("LINGBOT_MODEL") or None, os.environ.get("LINGBOT_DEVICE") or None,
+                               int(ranks) if ranks else None)
+    engine = getattr(generator, "engine", generator)
+    return generator, JobRunner.from_env(generator, engine.preset)
+
+
+GENERATOR, RUNNER = _load()
+CONFIG: dict = {"return_aggregate_stream": True}
+
+
+def request_refresh(reason: str) -> None:
+    """Have RunPod replace this worker once the current job has reported."""
+    if not CONFIG.get("refresh_worker"):
+        log.error("worker must be replaced: %s", reason)
+    CONFIG["refresh_worker"] = True
+
+
+def _unhealthy() -> str | None:
+    if getattr(GENERATOR, "healthy", True):
+        return None
+    return getattr(GENERATOR, "unhealthy_reason", None) or "rank pool unhealthy"
+
+
+RUNNER.on_fatal = request_refresh
+
+
+def handler(job: dict):
+    """Generator function: RunPod streams what it yields (/stream) and aggregates it (/status, webhooks)."""
+    reason = _unhealthy()
+    if reason:
+        request_refresh(reason)
+        yield {"error": f"worker unavailable ({reason}); it is being replaced, retry the job", "field": None}
+        return
+    for item in RUNNER.run(job.get("input"), job_id=job.get("id")):
+        if "error" in item and _unhealthy():
+            request_refresh(_unhealthy())  # RunPod stops reading at an error item: flag before yielding it
+        yield item
+    if _unhealthy():
+        request_refresh(_unhealthy())
+
+
+CONFIG["handler"] = handler
+
+if __name__ == "__main__":
+    import runpod
+
+    runpod.serverless.start(CONFIG)
