@@ -29,7 +29,6 @@ def _load() -> tuple[object, JobRunner]:
     return generator, JobRunner.from_env(generator, engine.preset)
 
 
-GENERATOR, RUNNER = _load()
 CONFIG: dict = {"return_aggregate_stream": True}
 
 
@@ -46,7 +45,12 @@ def _unhealthy() -> str | None:
     return getattr(GENERATOR, "unhealthy_reason", None) or "rank pool unhealthy"
 
 
-RUNNER.on_fatal = request_refresh
+# The rank processes of a multi-GPU pool are started with multiprocessing "spawn", which re-runs this file under
+# the name "__mp_main__": only the real entry process loads the model (the ranks load their own shard of work).
+GENERATOR = RUNNER = None
+if __name__ != "__mp_main__":
+    GENERATOR, RUNNER = _load()
+    RUNNER.on_fatal = request_refresh
 
 
 def handler(job: dict):

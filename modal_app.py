@@ -51,7 +51,10 @@ def gpu_count(gpu: str) -> int:
 NUM_GPUS = gpu_count(GPU)
 
 RUNTIME_ENV = {
-    "HF_HOME": f"{MODELS_DIR}/hf",  # weights live on the volume; resolve_model finds hub ids in this cache
+    # Weights live on the volume: download_model writes the HF cache there (<volume>/hub/models--org--name), and
+    # resolve_model looks in LINGBOT_MODEL_DIR and the HF cache; nothing is downloaded at container start.
+    "HF_HOME": MODELS_DIR,
+    "LINGBOT_MODEL_DIR": MODELS_DIR,
     "LINGBOT_MODEL": MODEL,
     "LINGBOT_NUM_GPUS": str(NUM_GPUS),
     "LINGBOT_OUTPUT_DIR": "/tmp/lingbot-outputs",

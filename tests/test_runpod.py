@@ -242,3 +242,17 @@ def test_unhealthy_worker_refuses_jobs_and_asks_for_replacement(handler, monkeyp
     items = list(handler.handler(_job("late")))
     assert len(items) == 1 and "rank 2 did not answer" in items[0]["error"]
     assert handler.CONFIG["refresh_worker"] is True
+
+
+def test_rank_processes_do_not_reload_the_model(handler, monkeypatch):
+    """multiprocessing "spawn" re-runs the entry script as __mp_main__ in every rank: it must not load a pool there."""
+    import runpy
+
+    from worker import __main__ as cli
+
+    def boom(*a, **k):
+        raise AssertionError("a rank process re-imported handler.py and tried to load the model")
+
+    monkeypatch.setattr(cli, "load_generator", boom)
+    ns = runpy.run_path(str(ROOT / "handler.py"), run_name="__mp_main__")
+    assert ns["GENERATOR"] is None and ns["RUNNER"] is None

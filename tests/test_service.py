@@ -146,17 +146,23 @@ def test_cancel_after_first_chunk_then_next_job_matches_a_fresh_run(local_runner
 def test_out_of_memory_mid_chunk_is_a_clear_error_and_the_worker_recovers(engine, local_runner, monkeypatch):
     dit = engine.dit
     real_forward = dit.forward
-    calls = {"n": 0}
+    state = {"armed": False, "raised": 0}
 
     def flaky_forward(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:  # chunk 0 takes 5 forwards (4 steps + cache refresh): this is inside chunk 1
+        if state["armed"]:  # the first DiT forward after a chunk was streamed: mid-rollout, mid-chunk
+            state["armed"] = False
+            state["raised"] += 1
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(dit, "forward", flaky_forward)
-    items = list(local_runner.run(_req(num_chunks=2), job_id="oom"))
-    assert [i.get("type") for i in items[:-1]] == ["chunk"]
+    gen = local_runner.run(_req(num_chunks=3), job_id="oom")
+    first = next(gen)
+    assert first["type"] == "chunk"
+    state["armed"] = True
+    items = [first, *gen]
+    assert state["raised"] == 1
+    assert all(i.get("type") == "chunk" for i in items[:-1])
     err = items[-1]
     assert set(err) == {"error", "field"} and "out of GPU memory" in err["error"]
     assert "smaller size" in err["error"] and "kv_window" in err["error"]

@@ -18,6 +18,9 @@ the next chunk boundary instead of leaving them inside a collective.
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -88,83 +91,176 @@ def _prompt_context(engine, prompt: str) -> torch.Tensor:
     return _share(engine, ctx, (1, int(n.item()), d), torch.float32)
 
 
-def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
-    """Yields one ChunkOutput per chunk on the leader; followers yield nothing and return when told to."""
+def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None) -> Iterator[tuple[int, torch.Tensor, float]]:
+    """The DiT side of the rollout, on every rank: yields (chunk index, clean x0 [1,16,3,h,w], dit_ms)."""
     dit, sp, dev = engine.dit, engine.sp, engine.device
     leader = sp.is_leader
     sched = dmd_schedule()
     lat_h, lat_w = job.latent_hw
     n_lat = CHUNK_LATENT_FRAMES * job.num_chunks
 
-    with torch.inference_mode():
-        gen = torch.Generator(device=dev).manual_seed(job.seed)
-        noise = torch.randn(1, VAE_Z_DIM, n_lat, lat_h, lat_w, generator=gen, device=dev, dtype=torch.float32)
-        text_kv = dit.encode_text(_prompt_context(engine, job.prompt))
-        time_emb = {t: dit.time_embedding_for(t) for t in (*sched.timesteps, 0)}
-        pt, ph, pw = dit.cfg.patch_size
-        cache = KVCache(
-            num_layers=dit.cfg.num_layers,
-            frame_tokens=(lat_h // ph) * (lat_w // pw),
-            total_frames=n_lat // pt,
-            sink=job.kv_sink,
-            window=job.kv_window,
-            heads=dit.cfg.num_heads // sp.world,
-            head_dim=dit.cfg.head_dim,
-            dtype=dit.dtype,
-            device=dev,
-        )
-        cameras = job.camera_chunks()
-        conditions = engine.condition_stream(job.image, job.num_chunks) if leader else None
-        decoder = engine.decoder() if leader else None
-        frame_start = 0
-        finished = False
-        at_boundary = True  # True while every rank waits at the same point (a chunk boundary)
-        try:
-            for c in range(job.num_chunks):
-                go = _share(engine, torch.tensor([_GO]) if leader else None, (1,), torch.int64)
-                if int(go.item()) != _GO:
-                    return
-                at_boundary = False
-                t0 = time.perf_counter()
-                y_shape = (1, MASK_CHANNELS + VAE_Z_DIM, CHUNK_LATENT_FRAMES, lat_h, lat_w)
-                y = _share(engine, next(conditions) if leader else None, y_shape, torch.float32)
-                f0 = c * CHUNK_LATENT_FRAMES
-                ctx = dit.prepare_chunk(next(cameras), f0, cache, sp)
-                x = noise[:, :, f0 : f0 + CHUNK_LATENT_FRAMES]
-                x0 = x
-                for i, t in enumerate(sched.timesteps):
-                    v = dit(x, y, t, text_kv, ctx, sp, time_emb=time_emb[t])
-                    x0 = (x.double() - sched.x0_sigmas[i] * v.double()).float()
-                    if i + 1 < len(sched.timesteps):
-                        s = sched.renoise_sigmas[i]
-                        eps = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
-                        x = (1 - s) * x0 + s * eps
-                dit(x0, y, 0, text_kv, ctx, sp, cache_only=True, time_emb=time_emb[0])
-                del ctx
-                if not leader:
-                    at_boundary = True
-                    continue
-                _sync(dev)
-                t1 = time.perf_counter()
-                video = decoder.decode_chunk(x0[0])
-                _sync(dev)
-                t2 = time.perf_counter()
-                n_frames = pixel_frames_for_chunk(c)
-                assert video.shape[1] == n_frames, (video.shape, n_frames)
-                stats = {"dit_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3}
-                at_boundary = True
-                yield ChunkOutput(c, frame_start, video, x0[0], stats)
-                frame_start += n_frames
-            finished = True
-        finally:
-            if sp.enabled and not finished:
-                if not at_boundary:
-                    # A rank failed inside a chunk: the others sit in a collective we cannot match any more.
+    gen = torch.Generator(device=dev).manual_seed(job.seed)
+    noise = torch.randn(1, VAE_Z_DIM, n_lat, lat_h, lat_w, generator=gen, device=dev, dtype=torch.float32)
+    engine.ranks_in_sync = not sp.enabled  # until every rank is past the prompt broadcast
+    text_kv = dit.encode_text(_prompt_context(engine, job.prompt))
+    engine.ranks_in_sync = True
+    time_emb = {t: dit.time_embedding_for(t) for t in (*sched.timesteps, 0)}
+    pt, ph, pw = dit.cfg.patch_size
+    cache = KVCache(
+        num_layers=dit.cfg.num_layers,
+        frame_tokens=(lat_h // ph) * (lat_w // pw),
+        total_frames=n_lat // pt,
+        sink=job.kv_sink,
+        window=job.kv_window,
+        heads=dit.cfg.num_heads // sp.world,
+        head_dim=dit.cfg.head_dim,
+        dtype=dit.dtype,
+        device=dev,
+    )
+    cameras = job.camera_chunks()
+    conditions = engine.condition_stream(job.image, job.num_chunks) if leader else None
+    finished = False
+    at_boundary = True  # True while every rank waits at the same point (a chunk boundary)
+    last_done = -1
+    try:
+        for c in range(job.num_chunks):
+            stopping = leader and stop is not None and stop.is_set()
+            go = _share(engine, torch.tensor([_STOP if stopping else _GO]) if leader else None, (1,), torch.int64)
+            if int(go.item()) != _GO:
+                finished = True  # every rank agreed to stop here
+                return
+            at_boundary = False
+            t0 = time.perf_counter()
+            y_shape = (1, MASK_CHANNELS + VAE_Z_DIM, CHUNK_LATENT_FRAMES, lat_h, lat_w)
+            y = _share(engine, next(conditions) if leader else None, y_shape, torch.float32)
+            f0 = c * CHUNK_LATENT_FRAMES
+            ctx = dit.prepare_chunk(next(cameras), f0, cache, sp)
+            x = noise[:, :, f0 : f0 + CHUNK_LATENT_FRAMES]
+            x0 = x
+            for i, t in enumerate(sched.timesteps):
+                v = dit(x, y, t, text_kv, ctx, sp, time_emb=time_emb[t])
+                x0 = (x.double() - sched.x0_sigmas[i] * v.double()).float()
+                if i + 1 < len(sched.timesteps):
+                    s = sched.renoise_sigmas[i]
+                    eps = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
+                    x = (1 - s) * x0 + s * eps
+            dit(x0, y, 0, text_kv, ctx, sp, cache_only=True, time_emb=time_emb[0])
+            del ctx
+            _sync(dev)
+            at_boundary = True
+            last_done = c
+            yield c, x0, (time.perf_counter() - t0) * 1e3
+        finished = True
+    finally:
+        if sp.enabled and not finished:
+            if not at_boundary:
+                # A rank failed inside a chunk: the others sit in a collective we cannot match any more.
+                engine.ranks_in_sync = False
+            elif leader and last_done + 1 < job.num_chunks:
+                # Stopped between chunks without the stop flag (an error on the leader): release the
+                # followers, which wait at the next chunk's control broadcast.
+                try:
+                    _share(engine, torch.tensor([_STOP]), (1,), torch.int64)
+                except Exception:  # noqa: BLE001 - a broken group is reported by the pool, not here
                     engine.ranks_in_sync = False
-                elif leader:
-                    # The consumer stopped early (cancel): release the followers, which wait at the next
-                    # chunk's control broadcast.
+
+
+_DONE = object()
+
+
+def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
+    """Yields one ChunkOutput per chunk on the leader; followers yield nothing and return when told to.
+
+    On the leader three things overlap: the DiT of chunk c+1 (producer thread), the VAE decode of chunk c
+    (decoder thread, its own CUDA stream) and whatever the consumer does with chunk c-1 (frame encoding,
+    network). Queues are bounded, so a slow consumer slows generation instead of piling up frames; closing
+    the generator (cancel) stops the producer at the next chunk boundary and releases every rank.
+    """
+    if not engine.sp.is_leader:
+        with torch.inference_mode():
+            for _ in _denoise_chunks(engine, job):
+                pass
+        return
+
+    dev = engine.device
+    stop = threading.Event()
+    to_decode: queue.Queue = queue.Queue(maxsize=2)
+    out: queue.Queue = queue.Queue(maxsize=2)
+
+    def put(q: queue.Queue, item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            with torch.inference_mode():
+                for c, x0, dit_ms in _denoise_chunks(engine, job, stop):
+                    if not put(to_decode, (c, x0, dit_ms)):
+                        break
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(out, exc)
+        finally:
+            put(to_decode, _DONE)
+
+    def decode() -> None:
+        stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        try:
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            decoder = engine.decoder()
+            frame_start = 0
+            with torch.inference_mode(), (torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
+                while True:
                     try:
-                        _share(engine, torch.tensor([_STOP]), (1,), torch.int64)
-                    except Exception:  # noqa: BLE001 - a broken group is reported by the pool, not here
-                        engine.ranks_in_sync = False
+                        item = to_decode.get(timeout=0.1)
+                    except queue.Empty:
+                        if stop.is_set():
+                            break
+                        continue
+                    if item is _DONE:
+                        break
+                    c, x0, dit_ms = item
+                    t1 = time.perf_counter()
+                    video = decoder.decode_chunk(x0[0])
+                    _sync(dev)
+                    n_frames = pixel_frames_for_chunk(c)
+                    assert video.shape[1] == n_frames, (video.shape, n_frames)
+                    stats = {"dit_ms": dit_ms, "decode_ms": (time.perf_counter() - t1) * 1e3}
+                    if not put(out, ChunkOutput(c, frame_start, video, x0[0], stats)):
+                        break
+                    frame_start += n_frames
+        except BaseException as exc:  # noqa: BLE001
+            stop.set()
+            put(out, exc)
+        finally:
+            put(out, _DONE)
+
+    threads = [threading.Thread(target=produce, name="rollout-dit", daemon=True),
+               threading.Thread(target=decode, name="rollout-decode", daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        while True:
+            item = out.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        for t in threads:
+            while t.is_alive():  # drain so a blocked put sees the stop flag
+                for q in (to_decode, out):
+                    try:
+                        q.get_nowait()
+                    except queue.Empty:
+                        pass
+                t.join(timeout=0.05)

@@ -20,7 +20,10 @@ With sequence parallelism every rank runs the blocks on 1/N of the tokens (see w
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,19 +35,79 @@ from worker.models.kv_cache import KVCache
 from worker.parallel.sp import SINGLE, SequenceParallel
 
 
-# --- small pieces -------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    """Wan's RMSNorm over the full model dim (across heads): normalise in fp32, scale in the input dtype."""
+# --- fused elementwise pieces ---------------------------------------------------------------------------
+# Between the GEMMs and attention, a block does LayerNorm/modulation/RMSNorm/RoPE/gating on [tokens, 5120] fp32
+# tensors; as separate kernels that was ~30% of a block's GPU time (docs/PERFORMANCE.md). On CUDA each chain
+# below is compiled once into a fused kernel; on the CPU (tests, tiny model) it runs eagerly, same math.
+_COMPILE = os.environ.get("LINGBOT_COMPILE", "1") != "0"
 
+
+def fusable(fn: Callable) -> Callable:
+    compiled: Callable | None = None
+
+    @functools.wraps(fn)
+    def run(*args):
+        nonlocal compiled
+        if _COMPILE and args[0].is_cuda:
+            if compiled is None:
+                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+                compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+            return compiled(*args)
+        return fn(*args)
+
+    return run
+
+
+@fusable
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Wan's RMSNorm over the full model dim (across heads): normalise in fp32, scale in the input dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+@fusable
+def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype):
+    """LN(x) * (1 + scale) + shift, no affine, fp32 math, cast for the next matmul."""
+    return (F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift).to(dtype)
+
+
+@fusable
+def attn_residual_camera_norm3(x, attn, gate, cam_scale, cam_shift, w3, b3, eps: float, dtype: torch.dtype):
+    """x += gate * attn; camera modulation; then norm3 (affine LN) for the cross-attention query."""
+    x = x + gate * attn.float()
+    x = (1 + cam_scale) * x + cam_shift
+    return x, F.layer_norm(x, (x.shape[-1],), w3.float(), b3.float(), eps).to(dtype)
+
+
+@fusable
+def residual_modulated_norm(x, y, shift, scale, eps: float, dtype: torch.dtype):
+    """x += y (cross-attention out); then the FFN's LN(x) * (1 + scale) + shift."""
+    x = x + y.float()
+    return x, (F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift).to(dtype)
+
+
+@fusable
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return x + gate * y.float()
+
+
+@fusable
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, L, H, D] with (2j, 2j+1) as a complex pair; cos/sin [L, D/2]; fp32 math like the official code."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    a, b = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 def layer_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
@@ -90,14 +153,6 @@ def rope_tables(cfg: DiTConfig, start_frame: int, grid: tuple[int, int, int], de
     return torch.cos(full).float().to(device), torch.sin(full).float().to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, L, H, D] with (2j, 2j+1) as a complex pair; cos/sin [L, D/2]."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    a, b = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).type_as(x)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """[B, L, H, D] in and out; SDPA picks cuDNN/flash on GPU from the strides we hand it."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
@@ -136,8 +191,8 @@ class SelfAttention(nn.Module):
         q = self.norm_q(self.q(x)).view(b, s, *hd)
         k = self.norm_k(self.k(x)).view(b, s, *hd)
         v = self.v(x).view(b, s, *hd)
-        # One all-to-all for q, k and v: tokens split -> heads split.
-        q, k, v = sp.seq_to_heads(torch.stack([q, k, v]), ctx.num_tokens).unbind(0)
+        if sp.enabled:  # one all-to-all for q, k and v: tokens split -> heads split
+            q, k, v = sp.seq_to_heads(torch.stack([q, k, v]), ctx.num_tokens).unbind(0)
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
@@ -200,16 +255,14 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         wdt = self.modulation.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
-        h = layer_norm(x, self.eps) * (1 + scale1) + shift1
-        attn = self.self_attn(h.to(wdt), ctx, layer, sp, cache_only)
+        attn = self.self_attn(modulated_norm(x, shift1, scale1, self.eps, wdt), ctx, layer, sp, cache_only)
         if cache_only:
             return x
-        x = x + gate1 * attn.float()
         # Camera: the per-chunk scale/shift were computed once in prepare_chunk.
-        x = (1 + ctx.cam_scale[layer]) * x + ctx.cam_shift[layer]
-        x = x + self.cross_attn(layer_norm(x, self.eps, self.norm3.weight, self.norm3.bias).to(wdt), text_kv).float()
-        h = layer_norm(x, self.eps) * (1 + scale2) + shift2
-        return x + gate2 * self.ffn(h.to(wdt)).float()
+        x, h = attn_residual_camera_norm3(x, attn, gate1, ctx.cam_scale[layer], ctx.cam_shift[layer],
+                                          self.norm3.weight, self.norm3.bias, self.eps, wdt)
+        x, h = residual_modulated_norm(x, self.cross_attn(h, text_kv), shift2, scale2, self.eps, wdt)
+        return gated_residual(x, self.ffn(h), gate2)
 
 
 class Head(nn.Module):
