@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 import torch
 
 from worker import media, schema
@@ -72,7 +73,7 @@ class JobRunner:
             path = self._video_path(job_id)
             mp4 = media.Mp4Writer(path, req.width, req.height)
             stream = req.request.stream
-            timings: list[dict[str, float]] = []
+            timings: list[schema.ChunkStats] = []
             first_chunk_s = None
             t_loop = time.perf_counter()
             t_prev = t_loop
@@ -80,17 +81,16 @@ class JobRunner:
                 t_enc = time.perf_counter()
                 frames = media.frames_to_uint8(chunk.video)
                 mp4.write(frames)
-                items = self._chunk_items(chunk, frames, req, stream)
-                enc_ms = (time.perf_counter() - t_enc) * 1e3
+                parts = self._encode_parts(frames, stream)
                 now = time.perf_counter()
-                stats = {**chunk.stats, "encode_ms": enc_ms, "chunk_ms": (now - t_prev) * 1e3}
+                stats = schema.ChunkStats(dit_ms=chunk.stats["dit_ms"], decode_ms=chunk.stats["decode_ms"],
+                                          encode_ms=(now - t_enc) * 1e3, chunk_ms=(now - t_prev) * 1e3)
                 t_prev = now
                 timings.append(stats)
                 if first_chunk_s is None:
                     first_chunk_s = now - t_start
-                for item in items:
-                    item["stats"] = stats
-                    yield item
+                for item in self._chunk_items(chunk, frames.shape[0], parts, req, stats):
+                    yield schema.to_builtins(item)
             info = mp4.close()
             mp4 = None
             t_gen = time.perf_counter() - t_loop
@@ -141,30 +141,36 @@ class JobRunner:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{job_id}.mp4"
 
-    def _chunk_items(self, chunk: ChunkOutput, frames, req: schema.ValidRequest, stream) -> list[dict[str, Any]]:
-        n = frames.shape[0]
+    def _encode_parts(self, frames, stream) -> list[list[bytes]] | None:
+        """Encoded frames grouped so that each streamed item stays under RunPod's 1 MB (None: format none)."""
         if stream.format == "none":
-            return [{"type": "progress", "chunk_index": chunk.index, "frame_start": chunk.frame_start,
-                     "num_frames": n}]
+            return None
         encoded = media.encode_frames(frames, stream.format, stream.quality)
         try:
-            parts = media.split_by_budget(encoded, STREAM_FRAME_BUDGET)
+            return media.split_by_budget(encoded, STREAM_FRAME_BUDGET)
         except ValueError as exc:
             raise schema.RequestError("stream.quality", str(exc)) from None
+
+    def _chunk_items(self, chunk: ChunkOutput, num_frames: int, parts, req: schema.ValidRequest,
+                     stats: schema.ChunkStats) -> list[msgspec.Struct]:
+        if parts is None:
+            return [schema.ProgressResult(chunk_index=chunk.index, frame_start=chunk.frame_start,
+                                          num_frames=num_frames, stats=stats)]
         items, start = [], chunk.frame_start
+        content_type = media.CONTENT_TYPES[req.request.stream.format]
         for i, part in enumerate(parts):
-            items.append({
-                "type": "chunk", "chunk_index": chunk.index, "part": i, "num_parts": len(parts),
-                "frame_start": start, "num_frames": len(part), "width": req.width, "height": req.height,
-                "content_type": media.CONTENT_TYPES[stream.format], "frames": media.b64encode_all(part),
-            })
+            items.append(schema.ChunkResult(
+                chunk_index=chunk.index, part=i, num_parts=len(parts), frame_start=start, num_frames=len(part),
+                width=req.width, height=req.height, content_type=content_type, frames=media.b64encode_all(part),
+                stats=stats,
+            ))
             start += len(part)
         return items
 
 
-def _summary(timings, first_chunk_s, total_s, gen_s, num_frames, seed) -> dict[str, float]:
+def _summary(timings: list[schema.ChunkStats], first_chunk_s, total_s, gen_s, num_frames, seed) -> dict[str, float]:
     def median(key: str) -> float:
-        vals = sorted(t[key] for t in timings)
+        vals = sorted(getattr(t, key) for t in timings)
         return vals[len(vals) // 2] if vals else 0.0
 
     return {
