@@ -70,7 +70,7 @@ def good_request(i: int) -> dict:
         "size": f"{w}x{h}",
         "num_chunks": chunks,
         "seed": 1000 + 7 * i,
-        "camera_actions": PATHS[i % len(PATHS)],
+        "camera_actions": PATHS[i % len(PATHS)][: 3 * chunks],
         "stream": {"format": FORMATS[i % 3], "quality": 60 + i % 30},
     }
     if i % 4 == 1:

@@ -48,6 +48,7 @@ class RolloutJob:
     camera_actions: list[list[str]] | None = None  # one key set per latent frame, or
     poses: list | None = None  # official c2w per pixel frame, with
     intrinsics: list | None = None  # [fx, fy, cx, cy] for 480x832
+    decode: bool = True  # False: latents only (benchmarks of the DiT alone); ChunkOutput.video is None
 
     def camera_chunks(self) -> Iterator[torch.Tensor]:
         """[1, 384, 3, H/8, W/8] per chunk; every rank builds it from the job, so only the spec travels."""
@@ -65,7 +66,7 @@ class RolloutJob:
 class ChunkOutput:
     index: int
     frame_start: int  # index of the first pixel frame of this chunk in the whole video
-    video: torch.Tensor  # [3, T, H, W] in [-1, 1], on the engine's device
+    video: torch.Tensor | None  # [3, T, H, W] in [-1, 1], on the engine's device (None if job.decode is False)
     latents: torch.Tensor  # [16, 3, H/8, W/8] fp32, the chunk's clean x0
     stats: dict[str, float] = field(default_factory=dict)  # dit_ms, decode_ms
 
@@ -237,10 +238,12 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                         break
                     c, x0, dit_ms = item
                     t1 = time.perf_counter()
-                    video = decoder.decode_chunk(x0[0])
-                    _sync(dev)
                     n_frames = pixel_frames_for_chunk(c)
-                    assert video.shape[1] == n_frames, (video.shape, n_frames)
+                    video = None
+                    if job.decode:
+                        video = decoder.decode_chunk(x0[0])
+                        _sync(dev)
+                        assert video.shape[1] == n_frames, (video.shape, n_frames)
                     stats = {"dit_ms": dit_ms, "decode_ms": (time.perf_counter() - t1) * 1e3}
                     if not put(out, ChunkOutput(c, frame_start, video, x0[0], stats)):
                         break
