@@ -249,8 +249,8 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                         break
                     frame_start += n_frames
         except BaseException as exc:  # noqa: BLE001
-            stop.set()
-            put(out, exc)
+            put(out, exc)  # before stop.set(): put() gives up once stop is set, and the consumer must see this
+            stop.set()  # then the producer, blocked on the full to_decode queue, ends too
         finally:
             put(out, _DONE)
 
@@ -260,7 +260,13 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
         t.start()
     try:
         while True:
-            item = out.get()
+            try:
+                item = out.get(timeout=0.5)
+            except queue.Empty:
+                # Both threads gone and nothing left to read: never wait forever (and hold the engine) on them.
+                if not any(t.is_alive() for t in threads) and out.empty():
+                    raise RuntimeError("rollout threads ended without a result") from None
+                continue
             if item is _DONE:
                 break
             if isinstance(item, BaseException):

@@ -188,12 +188,14 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor | None:
         b, s, _ = x.shape
         hd = (self.num_heads, self.head_dim)
-        q = self.norm_q(self.q(x)).view(b, s, *hd)
+        # With sequence parallelism, q's all-to-all runs while k and v are projected, and k/v's while q is
+        # rotated: the exchange overlaps compute instead of stalling it.
+        q = sp.seq_to_heads_async(self.norm_q(self.q(x)).view(b, s, *hd), ctx.num_tokens)
         k = self.norm_k(self.k(x)).view(b, s, *hd)
         v = self.v(x).view(b, s, *hd)
-        if sp.enabled:  # one all-to-all for q, k and v: tokens split -> heads split
-            q, k, v = sp.seq_to_heads(torch.stack([q, k, v]), ctx.num_tokens).unbind(0)
-        q = apply_rope(q, ctx.cos, ctx.sin)
+        kv = sp.seq_to_heads_async(torch.stack([k, v]) if sp.enabled else (k, v), ctx.num_tokens)
+        q = apply_rope(q(), ctx.cos, ctx.sin)
+        k, v = kv()
         k = apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.write(layer, k, v)

@@ -8,6 +8,7 @@ the identity, so the single-GPU path pays nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,19 +57,29 @@ class SequenceParallel:
     def seq_to_heads(self, x: torch.Tensor, true_len: int) -> torch.Tensor:
         """[..., S/N, H, D] (all heads) -> [..., S, H/N, D] (this rank's heads), padding removed.
 
-        Leading dims are kept, so q, k and v stacked as [3, B, S/N, H, D] travel in one collective.
+        Leading dims are kept, so k and v stacked as [2, B, S/N, H, D] travel in one collective.
         """
+        return self.seq_to_heads_async(x, true_len)()
+
+    def seq_to_heads_async(self, x: torch.Tensor, true_len: int) -> Callable[[], torch.Tensor]:
+        """Start seq_to_heads; the returned function waits for it. Lets the caller overlap the exchange of q
+        with the k/v projections (NCCL runs on its own stream)."""
         if not self.enabled:
-            return x
+            return lambda: x
         *lead, s, h, d = x.shape
         n = self.world
         # [n(dst), *lead, s, h/n, d]: the head groups become the exchange axis.
         send = x.reshape(*lead, s, n, h // n, d).movedim(-3, 0).contiguous()
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
-        # recv[src] holds the src rank's tokens for our heads: concatenate along the token axis.
-        out = recv.movedim(0, -4).reshape(*lead, n * s, h // n, d)
-        return out.narrow(-3, 0, true_len)
+        work = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
+
+        def finish() -> torch.Tensor:
+            work.wait()
+            # recv[src] holds the src rank's tokens for our heads: concatenate along the token axis.
+            out = recv.movedim(0, -4).reshape(*lead, n * s, h // n, d)
+            return out.narrow(-3, 0, true_len)
+
+        return finish
 
     def heads_to_seq(self, x: torch.Tensor) -> torch.Tensor:
         """[..., S, H/N, D] -> [..., S/N, H, D]; pads the token axis back to a multiple of N."""
