@@ -192,12 +192,14 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
         return
 
     dev = engine.device
-    stop = threading.Event()
+    stop = threading.Event()  # producer: stop at the next chunk boundary (cancel, or the decoder failed)
+    cancelled = threading.Event()  # the consumer is gone: nobody reads `out` any more
     to_decode: queue.Queue = queue.Queue(maxsize=2)
     out: queue.Queue = queue.Queue(maxsize=2)
 
-    def put(q: queue.Queue, item) -> bool:
-        while not stop.is_set():
+    def put(q: queue.Queue, item, until: threading.Event) -> bool:
+        """Blocking put that gives up once `until` is set (its reader has gone away)."""
+        while not until.is_set():
             try:
                 q.put(item, timeout=0.1)
                 return True
@@ -213,12 +215,12 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
             # (default priority) fill the SMs the DiT leaves idle instead of slowing it down.
             with torch.inference_mode(), _stream(dev, -100):
                 for c, x0, dit_ms in _denoise_chunks(engine, job, stop):
-                    if not put(to_decode, (c, x0, dit_ms)):
+                    if not put(to_decode, (c, x0, dit_ms), until=stop):
                         break
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            put(out, exc)
+            put(out, exc, until=cancelled)
         finally:
-            put(to_decode, _DONE)
+            put(to_decode, _DONE, until=stop)
 
     def decode() -> None:
         try:
@@ -231,7 +233,7 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                     try:
                         item = to_decode.get(timeout=0.1)
                     except queue.Empty:
-                        if stop.is_set():
+                        if cancelled.is_set():
                             break
                         continue
                     if item is _DONE:
@@ -245,14 +247,14 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                         _sync(dev)
                         assert video.shape[1] == n_frames, (video.shape, n_frames)
                     stats = {"dit_ms": dit_ms, "decode_ms": (time.perf_counter() - t1) * 1e3}
-                    if not put(out, ChunkOutput(c, frame_start, video, x0[0], stats)):
+                    if not put(out, ChunkOutput(c, frame_start, video, x0[0], stats), until=cancelled):
                         break
                     frame_start += n_frames
         except BaseException as exc:  # noqa: BLE001
-            put(out, exc)  # before stop.set(): put() gives up once stop is set, and the consumer must see this
-            stop.set()  # then the producer, blocked on the full to_decode queue, ends too
+            stop.set()
+            put(out, exc, until=cancelled)
         finally:
-            put(out, _DONE)
+            put(out, _DONE, until=cancelled)
 
     threads = [threading.Thread(target=produce, name="rollout-dit", daemon=True),
                threading.Thread(target=decode, name="rollout-decode", daemon=True)]
@@ -273,6 +275,7 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                 raise item
             yield item
     finally:
+        cancelled.set()
         stop.set()
         for t in threads:
             while t.is_alive():  # drain so a blocked put sees the stop flag

@@ -10,6 +10,7 @@ It never raises for a bad job: the worker stays warm for the next one. A consume
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -113,6 +114,12 @@ class JobRunner:
         except JobFailed as exc:
             yield _error(str(exc), None)
         except Exception as exc:  # noqa: BLE001 - the worker must survive any job
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The MP4 could not be written; the partial file is deleted below and the next job may fit.
+                log.error("job %s failed: local disk full under %s (%s)", job_id, self.storage.output_dir, exc)
+                yield _error(f"the worker's local disk is full ({exc.strerror}) under LINGBOT_OUTPUT_DIR; the "
+                             "video was not kept, retry the job", None)
+                return
             log.exception("job %s failed", job_id)
             fatal = getattr(exc, "fatal", False)
             if fatal and self.on_fatal is not None:

@@ -48,6 +48,44 @@ from worker.media import CONTENT_TYPES, sha256_file
 
 log = logging.getLogger(__name__)
 
+# botocore logs request internals at DEBUG: the SigV4 canonical request, string to sign and signature (for a
+# presigned URL these ARE its X-Amz-Credential and X-Amz-Signature), and every request's headers (Authorization
+# with the access key id and signature, X-Amz-Security-Token). A worker run with DEBUG logging must not leak
+# them, so these loggers get a filter: signing dumps are dropped, other records are scrubbed.
+_SIGNING_DUMPS = ("CanonicalRequest", "StringToSign", "Signature")
+_LOG_SECRETS = (
+    (re.compile(r"(?i)(credential=)[^\s,&'\"]+"), r"\1***"),
+    (re.compile(r"(?i)(signature=)[^\s,&'\"]+"), r"\1***"),
+    (re.compile(r"(?i)(x-amz-security-token['\"]?\s*[:=]\s*b?['\"]?)[^\s,&'\"]+"), r"\1***"),
+)
+
+
+class _RedactBotocore(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "botocore.auth" and str(record.msg).startswith(_SIGNING_DUMPS):
+            return False
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is dropped, not shown raw
+            return False
+        scrubbed = message
+        for pattern, repl in _LOG_SECRETS:
+            scrubbed = pattern.sub(repl, scrubbed)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, None
+        return True
+
+
+def _install_log_redaction() -> None:
+    for name in ("botocore.auth", "botocore.endpoint", "botocore.parsers", "botocore.hooks", "botocore.retryhandler",
+                 "botocore.awsrequest", "botocore.httpsession", "urllib3.connectionpool"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RedactBotocore) for f in logger.filters):
+            logger.addFilter(_RedactBotocore())
+
+
+_install_log_redaction()
+
 MIB = 1024 * 1024
 MAX_PRESIGN_EXPIRES_S = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer
 
