@@ -12,12 +12,7 @@ from worker.models.tokenizer_tiny import build_tiny_tokenizer
 KW = PRESETS["tiny"].text_encoder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

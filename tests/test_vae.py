@@ -12,13 +12,7 @@ H, W = 48, 64  # pixels; latent 6x8
 NUM_CHUNKS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny convs: one intra-op thread is fastest and immune to OpenMP spin contention on a shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,9 @@ class ChunkContext:
 
 
 # --- blocks -------------------------------------------------------------------------------------------------
-class SelfAttention(nn.Module):
+class Attention(nn.Module):
+    """q, k, v, o projections with RMSNorm on q and k over the full model dim (official names)."""
+
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         d = cfg.dim
@@ -183,6 +185,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(d, cfg.eps)
         self.norm_k = RMSNorm(d, cfg.eps)
 
+
+class SelfAttention(Attention):
     def forward(
         self, x: torch.Tensor, ctx: ChunkContext, layer: int, sp: SequenceParallel, cache_only: bool = False
     ) -> torch.Tensor | None:
@@ -205,15 +209,7 @@ class SelfAttention(nn.Module):
         return self.o(sp.heads_to_seq(out).flatten(2))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: DiTConfig) -> None:
-        super().__init__()
-        d = cfg.dim
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm_q = RMSNorm(d, cfg.eps)
-        self.norm_k = RMSNorm(d, cfg.eps)
-
+class CrossAttention(Attention):
     def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, n, _ = context.shape
         k = self.norm_k(self.k(context)).view(b, n, self.num_heads, self.head_dim)
