@@ -135,3 +135,13 @@ def test_cache_refresh_only_writes_kv():
 
     # The refresh rewrote chunk 0's K/V from other inputs, so the next chunk sees different context.
     assert not torch.allclose(run(True), run(False))
+
+
+def test_text_encoder_offload_policy():
+    from worker.engine import offload_text_encoder
+    from worker.parallel.sp import SequenceParallel
+
+    cpu = torch.device("cpu")
+    assert offload_text_encoder(cpu, SequenceParallel(), {}) is False
+    assert offload_text_encoder(cpu, SequenceParallel(), {"LINGBOT_OFFLOAD_TEXT_ENCODER": "1"}) is True
+    assert offload_text_encoder(cpu, SequenceParallel(0, 2), {"LINGBOT_OFFLOAD_TEXT_ENCODER": "0"}) is False

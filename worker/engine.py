@@ -36,6 +36,20 @@ def default_device() -> str:
     return os.environ.get("LINGBOT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def offload_text_encoder(dev: torch.device, sp: SequenceParallel, env=os.environ) -> bool:
+    """Move UMT5 (11 GB bf16) to host RAM between prompts when one GPU must also hold the 37 GB DiT and the KV span.
+
+    At 832x480, window 15 + sink 3, one rank peaks at ~66 GiB without the encoder (docs/PERFORMANCE.md): with it
+    an 80 GB GPU has no headroom. LINGBOT_OFFLOAD_TEXT_ENCODER=1/0 forces the choice.
+    """
+    forced = env.get("LINGBOT_OFFLOAD_TEXT_ENCODER")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if dev.type != "cuda" or sp.world > 1:
+        return False
+    return torch.cuda.get_device_properties(dev).total_memory < 100 * 2**30
+
+
 def resolve_with_fallback(spec: str | None) -> ModelSource:
     """An explicit spec must resolve; with none configured, try the real model and fall back to tiny."""
     spec = spec or os.environ.get("LINGBOT_MODEL")
@@ -100,7 +114,8 @@ class Engine:
             vae_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
             vae = StreamingVAE(load_vae_for(source, vae_dtype, dev))
             if text_encoder:
-                enc = load_text_encoder_for(source, dtype if dev.type == "cuda" else torch.float32, dev)
+                enc = load_text_encoder_for(source, dtype if dev.type == "cuda" else torch.float32, dev,
+                                            offload_after_encode=offload_text_encoder(dev, sp))
         engine = cls(source=source, dit=dit, vae=vae, text_encoder=enc, device=dev, sp=sp)
         if sp.is_leader and not text_encoder:
             # Benchmarks skip the 11 GB encoder: a fixed random context with a typical prompt length.
