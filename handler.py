@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 
-from worker.__main__ import load_generator
+from worker.parallel.pool import load_generator
 from worker.service import JobRunner
 
 log = logging.getLogger("handler")

@@ -105,7 +105,7 @@ def _job_id() -> str | None:
 class Worker:
     @modal.enter()
     def load(self) -> None:
-        from worker.__main__ import load_generator
+        from worker.parallel.pool import load_generator
         from worker.service import JobRunner
 
         ranks = os.environ.get("LINGBOT_NUM_GPUS", "").strip()

@@ -74,7 +74,7 @@ def test_app_imports_without_credentials(modal_app):
 
 
 def test_methods_run_locally_on_the_tiny_model(modal_app, tiny_env, monkeypatch):
-    from worker import __main__ as cli
+    from worker.parallel import pool as cli
 
     loads = []
     real_load = cli.load_generator

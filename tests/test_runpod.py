@@ -248,7 +248,7 @@ def test_rank_processes_do_not_reload_the_model(handler, monkeypatch):
     """multiprocessing "spawn" re-runs the entry script as __mp_main__ in every rank: it must not load a pool there."""
     import runpy
 
-    from worker import __main__ as cli
+    from worker.parallel import pool as cli
 
     def boom(*a, **k):
         raise AssertionError("a rank process re-imported handler.py and tried to load the model")

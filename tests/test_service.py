@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.__main__ import load_generator
+from worker.parallel.pool import load_generator
 from worker.service import JobRunner
 
 

@@ -81,20 +81,8 @@ def _request_from_args(a: argparse.Namespace) -> dict:
     return req
 
 
-def load_generator(model: str | None, device: str | None, ranks: int | None, *, text_encoder: bool = True):
-    """An Engine on one rank, or a RankPool in front of one; the platform adapters use this too."""
-    from worker.engine import Engine, default_device
-
-    device = device or default_device()
-    ranks = ranks or int(os.environ.get("LINGBOT_NUM_GPUS", "1"))
-    if ranks > 1:
-        from worker.parallel.pool import RankPool
-
-        return RankPool.start(model, ranks=ranks, device=device, text_encoder=text_encoder)
-    return Engine.load(model, device=device, text_encoder=text_encoder)
-
-
 def cmd_generate(a: argparse.Namespace) -> int:
+    from worker.parallel.pool import load_generator
     from worker.service import JobRunner
 
     request = _request_from_args(a)

@@ -173,7 +173,7 @@ def print_table(res: dict) -> None:
 
 
 def cmd_bench(a) -> int:
-    from worker.__main__ import load_generator
+    from worker.parallel.pool import load_generator
 
     width, height = (int(v) for v in a.size.lower().split("x"))
     model = a.model or "lingbot-world-fast"

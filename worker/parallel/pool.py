@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from worker.engine import Engine
+from worker.engine import Engine, default_device
 from worker.parallel.sp import SequenceParallel
 from worker.rollout import ChunkOutput, RolloutJob
 
@@ -269,3 +269,12 @@ def _abort_collectives() -> None:
         dist.distributed_c10d._abort_process_group()  # torch >= 2.6
     except Exception as exc:  # noqa: BLE001 - best effort; the process-group timeout still bounds the wait
         log.warning("could not abort NCCL communicators: %s", exc)
+
+
+def load_generator(model: str | None, device: str | None, ranks: int | None, *, text_encoder: bool = True):
+    """An Engine on one rank, or a RankPool in front of one: what the CLI and both platform adapters serve."""
+    device = device or default_device()
+    ranks = ranks or int(os.environ.get("LINGBOT_NUM_GPUS", "1"))
+    if ranks > 1:
+        return RankPool.start(model, ranks=ranks, device=device, text_encoder=text_encoder)
+    return Engine.load(model, device=device, text_encoder=text_encoder)
