@@ -15,10 +15,13 @@ from worker.config import DEFAULT_KV_SINK, DEFAULT_KV_WINDOW, DEFAULT_SIZE
 EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "first_frame.jpg"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="preset (tiny, lingbot-world-fast), model folder, or cached hub id; default: $LINGBOT_MODEL, "
-                        "else robbyant/lingbot-world-fast-diffusers from the local cache, else the tiny random model")
+GENERATE_MODEL_HELP = ("preset (tiny, lingbot-world-fast), model folder, or cached hub id; default: $LINGBOT_MODEL, "
+                       "else robbyant/lingbot-world-fast-diffusers from the local cache, else the tiny random model")
+BENCH_MODEL_HELP = "preset, folder or cached hub id (default: lingbot-world-fast, full size with random bf16 weights)"
+
+
+def _add_model_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--device", default=None, help="cpu or cuda (default: $LINGBOT_DEVICE, else cuda if present)")
     p.add_argument("--ranks", type=int, default=None, help="ranks (GPUs) for the rollout (default: $LINGBOT_NUM_GPUS or 1)")
 
@@ -28,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="run one request and write the MP4")
-    _add_model_args(g)
+    _add_model_args(g, GENERATE_MODEL_HELP)
     g.add_argument("--request", type=Path, help="a JSON request (the RunPod job input); flags below override it")
     g.add_argument("--prompt", help="scene and motion description")
     g.add_argument("--image", help=f"first frame: a local file, URL, s3:// or data: URI (default: {EXAMPLE_IMAGE.name})")
@@ -45,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--upload", action="store_true", help="upload to the configured S3 bucket instead of --out")
 
     b = sub.add_parser("bench", help="benchmark a warm rollout (full size with random weights by default)")
-    _add_model_args(b)
-    b.add_argument("--size", default="832x480")
+    _add_model_args(b, BENCH_MODEL_HELP)
+    b.add_argument("--size", default="832x480", help="WIDTHxHEIGHT (default 832x480)")
     b.add_argument("--chunks", type=int, default=10, help="chunks per rollout (8+ reaches the 18-frame span)")
     b.add_argument("--kv-window", type=int, default=DEFAULT_KV_WINDOW)
     b.add_argument("--kv-sink", type=int, default=DEFAULT_KV_SINK)
