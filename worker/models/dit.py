@@ -51,7 +51,9 @@ def fusable(fn: Callable) -> Callable:
         if _COMPILE and args[0].is_cuda:
             if compiled is None:
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-                compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+                # dynamic: one kernel per chain serves every request size (a size-specialised compile would
+                # stall the first job at each new size for tens of seconds)
+                compiled = torch.compile(fn, dynamic=True, fullgraph=True)
             return compiled(*args)
         return fn(*args)
 

@@ -25,6 +25,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from worker.config import DEFAULT_KV_SINK, DEFAULT_KV_WINDOW, DEFAULT_SIZE
 from worker.engine import Engine, default_device
 from worker.parallel.sp import SequenceParallel
 from worker.rollout import ChunkOutput, RolloutJob
@@ -276,5 +277,23 @@ def load_generator(model: str | None, device: str | None, ranks: int | None, *, 
     device = device or default_device()
     ranks = ranks or int(os.environ.get("LINGBOT_NUM_GPUS", "1"))
     if ranks > 1:
-        return RankPool.start(model, ranks=ranks, device=device, text_encoder=text_encoder)
-    return Engine.load(model, device=device, text_encoder=text_encoder)
+        gen = RankPool.start(model, ranks=ranks, device=device, text_encoder=text_encoder)
+    else:
+        gen = Engine.load(model, device=device, text_encoder=text_encoder)
+    if device.startswith("cuda") and os.environ.get("LINGBOT_WARMUP", "1") != "0":
+        warmup(gen)
+    return gen
+
+
+def warmup(gen) -> float:
+    """One throw-away chunk at the default size on every rank: kernel compilation, cuDNN plans and the allocator
+    are paid at start-up, not by the first caller. Returns the seconds it took."""
+    t = time.perf_counter()
+    w, h = DEFAULT_SIZE
+    g = torch.Generator().manual_seed(0)
+    job = RolloutJob(prompt="warm-up", image=torch.rand(3, h, w, generator=g) * 2 - 1, num_chunks=1, width=w,
+                     height=h, seed=0, kv_window=DEFAULT_KV_WINDOW, kv_sink=DEFAULT_KV_SINK)
+    for _ in gen.rollout(job):
+        pass
+    log.info("warm-up chunk done in %.1f s", time.perf_counter() - t)
+    return time.perf_counter() - t
