@@ -152,7 +152,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
         "decode": decode, "first_chunk_s": first_chunk_s,
         "total_s": total_s, "matmul_peak_tflops": peak_tflops, "mfu": mfu,
         "peak_memory_gib": [round(m / 2**30, 2) for m in peak_mem], "rows": rows,
-        "torch": torch.__version__,
+        "torch": torch.__version__, "fp8": os.environ.get("LINGBOT_FP8") == "1",
     }
 
 
@@ -177,6 +177,8 @@ def cmd_bench(a) -> int:
 
     width, height = (int(v) for v in a.size.lower().split("x"))
     model = a.model or "lingbot-world-fast"
+    if a.fp8:
+        os.environ["LINGBOT_FP8"] = "1"  # read by Engine.load on every rank (spawned ranks inherit it)
     gen = load_generator(model, a.device, a.ranks, text_encoder=False)
     try:
         res = run_bench(gen, width=width, height=height, chunks=a.chunks, window=a.kv_window, sink=a.kv_sink,

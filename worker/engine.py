@@ -98,6 +98,7 @@ class Engine:
         sp: SequenceParallel = SINGLE,
         text_encoder: bool = True,
         seed: int = 0,
+        fp8: bool | None = None,
     ) -> "Engine":
         source = resolve_with_fallback(model)
         dev = torch.device(device or default_device())
@@ -109,6 +110,11 @@ class Engine:
         if source.kind == "random":
             log.warning(NOISE_WARNING.format(name=source.preset.name))
         dit = load_dit(source, dtype=dtype, device=dev, seed=seed)
+        if fp8 if fp8 is not None else os.environ.get("LINGBOT_FP8") == "1":
+            from worker.models.fp8 import convert_blocks_to_fp8
+
+            log.warning("FP8 linears in the DiT blocks (%d swapped): faster, not bit-faithful to bf16",
+                        convert_blocks_to_fp8(dit))
         vae = enc = None
         if sp.is_leader:
             vae_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
