@@ -13,21 +13,10 @@ result asks RunPod to stop the pod, the process exits, and RunPod starts a fresh
 from __future__ import annotations
 
 import logging
-import os
 
-from worker.parallel.pool import load_generator
-from worker.service import JobRunner
+from worker.service import serve_from_env
 
 log = logging.getLogger("handler")
-
-
-def _load() -> tuple[object, JobRunner]:
-    ranks = os.environ.get("LINGBOT_NUM_GPUS", "").strip()
-    generator = load_generator(os.environ.get("LINGBOT_MODEL") or None, os.environ.get("LINGBOT_DEVICE") or None,
-                               int(ranks) if ranks else None)
-    engine = getattr(generator, "engine", generator)
-    return generator, JobRunner.from_env(generator, engine.preset)
-
 
 CONFIG: dict = {"return_aggregate_stream": True}
 
@@ -39,33 +28,17 @@ def request_refresh(reason: str) -> None:
     CONFIG["refresh_worker"] = True
 
 
-def _unhealthy() -> str | None:
-    if getattr(GENERATOR, "healthy", True):
-        return None
-    return getattr(GENERATOR, "unhealthy_reason", None) or "rank pool unhealthy"
-
-
 # The rank processes of a multi-GPU pool are started with multiprocessing "spawn", which re-runs this file under
 # the name "__mp_main__": only the real entry process loads the model (the ranks load their own shard of work).
-GENERATOR = RUNNER = None
+RUNNER = None
 if __name__ != "__mp_main__":
-    GENERATOR, RUNNER = _load()
+    RUNNER = serve_from_env()
     RUNNER.on_fatal = request_refresh
 
 
 def handler(job: dict):
     """Generator function: RunPod streams what it yields (/stream) and aggregates it (/status, webhooks)."""
-    reason = _unhealthy()
-    if reason:
-        request_refresh(reason)
-        yield {"error": f"worker unavailable ({reason}); it is being replaced, retry the job", "field": None}
-        return
-    for item in RUNNER.run(job.get("input"), job_id=job.get("id")):
-        if "error" in item and _unhealthy():
-            request_refresh(_unhealthy())  # RunPod stops reading at an error item: flag before yielding it
-        yield item
-    if _unhealthy():
-        request_refresh(_unhealthy())
+    yield from RUNNER.run(job.get("input"), job_id=job.get("id"))
 
 
 CONFIG["handler"] = handler

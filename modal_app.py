@@ -105,14 +105,9 @@ def _job_id() -> str | None:
 class Worker:
     @modal.enter()
     def load(self) -> None:
-        from worker.parallel.pool import load_generator
-        from worker.service import JobRunner
+        from worker.service import serve_from_env
 
-        ranks = os.environ.get("LINGBOT_NUM_GPUS", "").strip()
-        self.generator = load_generator(os.environ.get("LINGBOT_MODEL") or None,
-                                        os.environ.get("LINGBOT_DEVICE") or None, int(ranks) if ranks else None)
-        engine = getattr(self.generator, "engine", self.generator)
-        self.runner = JobRunner.from_env(self.generator, engine.preset)
+        self.runner = serve_from_env()
         self.runner.on_fatal = self._retire
         self.retired = False
 
@@ -121,21 +116,8 @@ class Worker:
             self.retired = True
             _stop_container(reason)
 
-    def _unhealthy(self) -> str | None:
-        if getattr(self.generator, "healthy", True):
-            return None
-        return getattr(self.generator, "unhealthy_reason", None) or "rank pool unhealthy"
-
     def _items(self, request: Any) -> Iterator[dict[str, Any]]:
-        reason = self._unhealthy()
-        if reason:
-            self._retire(reason)
-            yield {"error": f"worker unavailable ({reason}); it is being replaced, retry the job", "field": None}
-            return
-        yield from self.runner.run(request, job_id=_job_id())
-        reason = self._unhealthy()
-        if reason:
-            self._retire(reason)
+        return self.runner.run(request, job_id=_job_id())
 
     @modal.method()
     def generate(self, request: dict) -> Iterator[dict[str, Any]]:
@@ -155,8 +137,9 @@ class Worker:
 
     @modal.exit()
     def close(self) -> None:
-        if hasattr(getattr(self, "generator", None), "close"):
-            self.generator.close()
+        generator = getattr(getattr(self, "runner", None), "generator", None)
+        if hasattr(generator, "close"):
+            generator.close()
 
 
 # --- batch jobs with a callback ------------------------------------------------------------------------------

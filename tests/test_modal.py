@@ -107,7 +107,7 @@ def test_unhealthy_pool_retires_the_container(modal_app, tiny_env, monkeypatch):
         healthy = False
         unhealthy_reason = "rank 3 exited with code -9"
 
-    obj.generator = Dead()
+    obj.runner.generator = Dead()
     out = worker.run.local(_req())
     assert "rank 3 exited" in out["error"]
     assert stops == ["rank 3 exited with code -9"]

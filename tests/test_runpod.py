@@ -221,8 +221,7 @@ class _DyingPool:
 
 def test_dead_rank_fails_the_job_and_refreshes_the_worker(handler, monkeypatch):
     monkeypatch.setitem(handler.CONFIG, "refresh_worker", False)
-    pool = _DyingPool(handler.GENERATOR)
-    monkeypatch.setattr(handler, "GENERATOR", pool)
+    pool = _DyingPool(handler.RUNNER.generator)
     monkeypatch.setattr(handler.RUNNER, "generator", pool)
     api, taken = run_worker(handler.CONFIG, [_job("doomed"), _job("never-taken")], monkeypatch)
 
@@ -236,9 +235,9 @@ def test_dead_rank_fails_the_job_and_refreshes_the_worker(handler, monkeypatch):
 
 def test_unhealthy_worker_refuses_jobs_and_asks_for_replacement(handler, monkeypatch):
     monkeypatch.setitem(handler.CONFIG, "refresh_worker", False)
-    pool = _DyingPool(handler.GENERATOR)
+    pool = _DyingPool(handler.RUNNER.generator)
     pool.unhealthy_reason = "rank 2 did not answer within 300 s"
-    monkeypatch.setattr(handler, "GENERATOR", pool)
+    monkeypatch.setattr(handler.RUNNER, "generator", pool)
     items = list(handler.handler(_job("late")))
     assert len(items) == 1 and "rank 2 did not answer" in items[0]["error"]
     assert handler.CONFIG["refresh_worker"] is True
@@ -255,4 +254,4 @@ def test_rank_processes_do_not_reload_the_model(handler, monkeypatch):
 
     monkeypatch.setattr(cli, "load_generator", boom)
     ns = runpy.run_path(str(ROOT / "handler.py"), run_name="__mp_main__")
-    assert ns["GENERATOR"] is None and ns["RUNNER"] is None
+    assert ns["RUNNER"] is None

@@ -217,8 +217,8 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                 for c, x0, dit_ms in _denoise_chunks(engine, job, stop):
                     if not put(to_decode, (c, x0, dit_ms), until=stop):
                         break
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            put(out, exc, until=cancelled)
+        except BaseException as exc:  # noqa: BLE001 - handed on behind the chunks already done, in order
+            put(to_decode, exc, until=stop)
         finally:
             put(to_decode, _DONE, until=stop)
 
@@ -237,6 +237,9 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                             break
                         continue
                     if item is _DONE:
+                        break
+                    if isinstance(item, BaseException):  # the DiT failed: after the chunks before it
+                        put(out, item, until=cancelled)
                         break
                     c, x0, dit_ms = item
                     t1 = time.perf_counter()

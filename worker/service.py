@@ -30,6 +30,7 @@ from worker.camera import CameraError
 from worker.config import FPS
 from worker.inputs import image_to_tensor, input_dir_from_env, load_image
 from worker.netguard import allow_private_from_env
+from worker.parallel import pool
 from worker.rollout import ChunkOutput, RolloutJob
 from worker.storage import StorageConfig, store_video
 
@@ -63,8 +64,33 @@ class JobRunner:
         env = dict(os.environ if env is None else env)
         return cls(generator, schema.Limits.for_preset(preset, env), StorageConfig.from_env(env), env)
 
+    # --- health -----------------------------------------------------------------------------------------
+    def unhealthy_reason(self) -> str | None:
+        """Why this worker must be replaced (a rank pool that lost a rank), or None."""
+        if getattr(self.generator, "healthy", True):
+            return None
+        return getattr(self.generator, "unhealthy_reason", None) or "rank pool unhealthy"
+
+    def _retire_if_unhealthy(self) -> None:
+        reason = self.unhealthy_reason()
+        if reason and self.on_fatal is not None:
+            self.on_fatal(reason)
+
     # --- the job --------------------------------------------------------------------------------------------
     def run(self, raw: Any, job_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """The job's items. A worker that must be replaced refuses at once; the platform hook (on_fatal) is
+        called before the last item is yielded, since a platform may stop reading at an error."""
+        reason = self.unhealthy_reason()
+        if reason:
+            self._retire_if_unhealthy()
+            yield _error(f"worker unavailable ({reason}); it is being replaced, retry the job", None)
+            return
+        for item in self._run(raw, job_id):
+            if "error" in item or item.get("type") == "video":
+                self._retire_if_unhealthy()
+            yield item
+
+    def _run(self, raw: Any, job_id: str | None) -> Iterator[dict[str, Any]]:
         job_id = _safe_id(job_id)
         t_start = time.perf_counter()
         mp4: media.Mp4Writer | None = None
@@ -121,9 +147,6 @@ class JobRunner:
                              "video was not kept, retry the job", None)
                 return
             log.exception("job %s failed", job_id)
-            fatal = getattr(exc, "fatal", False)
-            if fatal and self.on_fatal is not None:
-                self.on_fatal(str(exc))
             yield _error(f"internal error: {type(exc).__name__}: {exc}", None)
         finally:
             if mp4 is not None:
@@ -173,6 +196,16 @@ class JobRunner:
             ))
             start += len(part)
         return items
+
+
+def serve_from_env(env: Mapping[str, str] | None = None) -> JobRunner:
+    """The warm worker both platforms run: model, device and GPU count from LINGBOT_MODEL, LINGBOT_DEVICE and
+    LINGBOT_NUM_GPUS (docs/PLATFORMS.md); the model loads now, once."""
+    env = dict(os.environ if env is None else env)
+    ranks = env.get("LINGBOT_NUM_GPUS", "").strip()
+    generator = pool.load_generator(env.get("LINGBOT_MODEL") or None, env.get("LINGBOT_DEVICE") or None,
+                                    int(ranks) if ranks else None)
+    return JobRunner.from_env(generator, getattr(generator, "engine", generator).preset, env)
 
 
 def _summary(timings: list[schema.ChunkStats], first_chunk_s, total_s, gen_s, num_frames, seed) -> dict[str, float]:
