@@ -47,10 +47,6 @@ class Generator(Protocol):
     def rollout(self, job: RolloutJob) -> Iterator[ChunkOutput]: ...
 
 
-class JobFailed(RuntimeError):
-    """A job failed for a reason the caller should read (message is safe to return)."""
-
-
 @dataclass
 class JobRunner:
     generator: Generator
@@ -137,8 +133,6 @@ class JobRunner:
             _free_memory()
             yield _error("out of GPU memory during the rollout; retry with a smaller size, fewer kv_window/"
                          "kv_sink frames, or on a worker with more GPUs", None)
-        except JobFailed as exc:
-            yield _error(str(exc), None)
         except Exception as exc:  # noqa: BLE001 - the worker must survive any job
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 # The MP4 could not be written; the partial file is deleted below and the next job may fit.

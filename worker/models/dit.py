@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.config import CHUNK_LATENT_FRAMES, DiTConfig
+from worker.config import DiTConfig
 from worker.models.kv_cache import KVCache
 from worker.parallel.sp import SINGLE, SequenceParallel
 
@@ -422,8 +422,3 @@ def build_dit(cfg: DiTConfig, *, device: str | torch.device = "cpu", dtype: torc
         return model
     model = model.to_empty(device=device).init_random(seed)
     return model.eval().requires_grad_(False)
-
-
-def num_chunk_tokens(cfg: DiTConfig, lat_h: int, lat_w: int) -> int:
-    pt, ph, pw = cfg.patch_size
-    return (CHUNK_LATENT_FRAMES // pt) * (lat_h // ph) * (lat_w // pw)
