@@ -22,7 +22,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -100,6 +100,65 @@ def _prompt_context(engine, prompt: str) -> torch.Tensor:
     return _share(engine, ctx, (1, int(n.item()), d), torch.float32)
 
 
+_DONE = object()
+
+
+class _Prefetch:
+    """Run an iterator up to `depth` items ahead in a thread (its own CUDA stream). Items come back in order, an
+    exception comes back where it happened, and close() stops the thread whether or not anything was read."""
+
+    def __init__(self, make: Callable[[], Iterator], device: torch.device, depth: int = 2) -> None:
+        self.device = device
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._work, args=(make,), name="rollout-inputs", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> None:
+        while not self.closed.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _work(self, make: Callable[[], Iterator]) -> None:
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            with torch.inference_mode(), _stream(self.device, 0):
+                for item in make():
+                    _sync(self.device)  # the consumer's stream may read it right away
+                    self._put(item)
+                    if self.closed.is_set():
+                        return
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            self._put(exc)
+        finally:
+            self._put(_DONE)
+
+    def __next__(self):
+        item = self.q.get()
+        if item is _DONE:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        if self.device.type == "cuda":
+            for t in item:  # made on the prefetch stream, used on ours: keep the allocator from reusing it early
+                if isinstance(t, torch.Tensor) and t.is_cuda:
+                    t.record_stream(torch.cuda.current_stream(self.device))
+        return item
+
+    def close(self) -> None:
+        self.closed.set()
+        while self.thread.is_alive():
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                pass
+            self.thread.join(timeout=0.05)
+
+
 def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None) -> Iterator[tuple[int, torch.Tensor, float]]:
     """The DiT side of the rollout, on every rank: yields (chunk index, clean x0 [1,16,3,h,w], dit_ms)."""
     dit, sp, dev = engine.dit, engine.sp, engine.device
@@ -126,8 +185,15 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
         dtype=dit.dtype,
         device=dev,
     )
-    cameras = job.camera_chunks()
-    conditions = engine.condition_stream(job.image, job.num_chunks) if leader else None
+    def chunk_inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        cameras = job.camera_chunks()
+        conditions = engine.condition_stream(job.image, job.num_chunks) if leader else None
+        for _ in range(job.num_chunks):
+            yield next(cameras), (next(conditions) if leader else None)
+
+    # Camera rays (CPU) and the image condition (VAE encoder) depend on nothing the DiT computes: build them
+    # ahead in a thread, off the critical path.
+    inputs = _Prefetch(chunk_inputs, dev)
     finished = False
     at_boundary = True  # True while every rank waits at the same point (a chunk boundary)
     last_done = -1
@@ -140,10 +206,11 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                 return
             at_boundary = False
             t0 = time.perf_counter()
+            camera, y = next(inputs)
             y_shape = (1, MASK_CHANNELS + VAE_Z_DIM, CHUNK_LATENT_FRAMES, lat_h, lat_w)
-            y = _share(engine, next(conditions) if leader else None, y_shape, torch.float32)
+            y = _share(engine, y, y_shape, torch.float32)
             f0 = c * CHUNK_LATENT_FRAMES
-            ctx = dit.prepare_chunk(next(cameras), f0, cache, sp)
+            ctx = dit.prepare_chunk(camera, f0, cache, sp)
             x = noise[:, :, f0 : f0 + CHUNK_LATENT_FRAMES]
             x0 = x
             for i, t in enumerate(sched.timesteps):
@@ -161,6 +228,7 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
             yield c, x0, (time.perf_counter() - t0) * 1e3
         finished = True
     finally:
+        inputs.close()
         if sp.enabled and not finished:
             if not at_boundary:
                 # A rank failed inside a chunk: the others sit in a collective we cannot match any more.
@@ -172,9 +240,6 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                     _share(engine, torch.tensor([_STOP]), (1,), torch.int64)
                 except Exception:  # noqa: BLE001 - a broken group is reported by the pool, not here
                     engine.ranks_in_sync = False
-
-
-_DONE = object()
 
 
 def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
