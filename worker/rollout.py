@@ -104,34 +104,36 @@ _DONE = object()
 
 
 class _Prefetch:
-    """Run an iterator up to `depth` items ahead in a thread (its own CUDA stream). Items come back in order, an
+    """Run an iterator one item ahead in a thread (its own CUDA stream): item k+1 is made while item k is used,
+    never more (running further ahead only adds GPU contention to the first chunk). Items come back in order, an
     exception comes back where it happened, and close() stops the thread whether or not anything was read."""
 
-    def __init__(self, make: Callable[[], Iterator], device: torch.device, depth: int = 2) -> None:
+    def __init__(self, make: Callable[[], Iterator], device: torch.device) -> None:
         self.device = device
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.q: queue.Queue = queue.Queue()
+        self.credit = threading.Semaphore(1)  # items the worker may make before the consumer takes one
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._work, args=(make,), name="rollout-inputs", daemon=True)
         self.thread.start()
 
     def _put(self, item) -> None:
-        while not self.closed.is_set():
-            try:
-                self.q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        self.q.put(item)  # unbounded: the credit, not the queue, limits how far ahead the worker runs
 
     def _work(self, make: Callable[[], Iterator]) -> None:
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             with torch.inference_mode(), _stream(self.device, 0):
-                for item in make():
+                items = make()
+                while True:
+                    while not self.credit.acquire(timeout=0.1):
+                        if self.closed.is_set():
+                            return
+                    item = next(items, _DONE)
+                    if item is _DONE:
+                        return
                     _sync(self.device)  # the consumer's stream may read it right away
                     self._put(item)
-                    if self.closed.is_set():
-                        return
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
             self._put(exc)
         finally:
@@ -139,6 +141,7 @@ class _Prefetch:
 
     def __next__(self):
         item = self.q.get()
+        self.credit.release()
         if item is _DONE:
             raise StopIteration
         if isinstance(item, BaseException):
