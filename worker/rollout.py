@@ -77,8 +77,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
+# Stream priorities of the pipeline threads: the DiT is the critical path; the decode of chunk c is what the
+# caller waits for next; the inputs of chunk c+1 have a whole chunk of slack. CUDA schedules waiting blocks of
+# higher-priority streams first (lower number = higher; Hopper offers 0..-5, out-of-range values are clamped).
+DIT, DECODE, PREFETCH = -5, -2, 0
+
+
 def _stream(device: torch.device, priority: int):
-    """A CUDA stream context for a pipeline thread (nothing on the CPU). Lower number = higher priority."""
+    """A CUDA stream context for a pipeline thread (nothing on the CPU)."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     return torch.cuda.stream(torch.cuda.Stream(device, priority=priority))
@@ -123,7 +129,7 @@ class _Prefetch:
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            with torch.inference_mode(), _stream(self.device, 0):
+            with torch.inference_mode(), _stream(self.device, PREFETCH):
                 items = make()
                 while True:
                     while not self.credit.acquire(timeout=0.1):
@@ -281,7 +287,7 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                 torch.cuda.set_device(dev)
             # The DiT is the critical path: its stream gets the highest priority, so the decoder's kernels
             # (default priority) fill the SMs the DiT leaves idle instead of slowing it down.
-            with torch.inference_mode(), _stream(dev, -100):
+            with torch.inference_mode(), _stream(dev, DIT):
                 for c, x0, dit_ms in _denoise_chunks(engine, job, stop):
                     if not put(to_decode, (c, x0, dit_ms), until=stop):
                         break
@@ -296,7 +302,7 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                 torch.cuda.set_device(dev)
             decoder = engine.decoder()
             frame_start = 0
-            with torch.inference_mode(), _stream(dev, 0):
+            with torch.inference_mode(), _stream(dev, DECODE):
                 while True:
                     try:
                         item = to_decode.get(timeout=0.1)
