@@ -22,7 +22,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -77,14 +77,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-# Stream priorities of the pipeline threads: the DiT is the critical path; the decode of chunk c is what the
-# caller waits for next; the inputs of chunk c+1 have a whole chunk of slack. CUDA schedules waiting blocks of
-# higher-priority streams first (lower number = higher; Hopper offers 0..-5, out-of-range values are clamped).
-DIT, DECODE, PREFETCH = -5, -2, 0
-
-
 def _stream(device: torch.device, priority: int):
-    """A CUDA stream context for a pipeline thread (nothing on the CPU)."""
+    """A CUDA stream context for a pipeline thread (nothing on the CPU). Lower number = higher priority."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     return torch.cuda.stream(torch.cuda.Stream(device, priority=priority))
@@ -104,68 +98,6 @@ def _prompt_context(engine, prompt: str) -> torch.Tensor:
     ctx = engine.encode_prompt(prompt) if sp.is_leader else None
     n = _share(engine, None if ctx is None else torch.tensor([ctx.shape[0]]), (1,), torch.int64)
     return _share(engine, ctx, (1, int(n.item()), d), torch.float32)
-
-
-_DONE = object()
-
-
-class _Prefetch:
-    """Run an iterator one item ahead in a thread (its own CUDA stream): item k+1 is made while item k is used,
-    never more (running further ahead only adds GPU contention to the first chunk). Items come back in order, an
-    exception comes back where it happened, and close() stops the thread whether or not anything was read."""
-
-    def __init__(self, make: Callable[[], Iterator], device: torch.device) -> None:
-        self.device = device
-        self.q: queue.Queue = queue.Queue()
-        self.credit = threading.Semaphore(1)  # items the worker may make before the consumer takes one
-        self.closed = threading.Event()
-        self.thread = threading.Thread(target=self._work, args=(make,), name="rollout-inputs", daemon=True)
-        self.thread.start()
-
-    def _put(self, item) -> None:
-        self.q.put(item)  # unbounded: the credit, not the queue, limits how far ahead the worker runs
-
-    def _work(self, make: Callable[[], Iterator]) -> None:
-        try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            with torch.inference_mode(), _stream(self.device, PREFETCH):
-                items = make()
-                while True:
-                    while not self.credit.acquire(timeout=0.1):
-                        if self.closed.is_set():
-                            return
-                    item = next(items, _DONE)
-                    if item is _DONE:
-                        return
-                    _sync(self.device)  # the consumer's stream may read it right away
-                    self._put(item)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            self._put(exc)
-        finally:
-            self._put(_DONE)
-
-    def __next__(self):
-        item = self.q.get()
-        self.credit.release()
-        if item is _DONE:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        if self.device.type == "cuda":
-            for t in item:  # made on the prefetch stream, used on ours: keep the allocator from reusing it early
-                if isinstance(t, torch.Tensor) and t.is_cuda:
-                    t.record_stream(torch.cuda.current_stream(self.device))
-        return item
-
-    def close(self) -> None:
-        self.closed.set()
-        while self.thread.is_alive():
-            try:
-                self.q.get_nowait()
-            except queue.Empty:
-                pass
-            self.thread.join(timeout=0.05)
 
 
 def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None) -> Iterator[tuple[int, torch.Tensor, float]]:
@@ -194,15 +126,8 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
         dtype=dit.dtype,
         device=dev,
     )
-    def chunk_inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        cameras = job.camera_chunks()
-        conditions = engine.condition_stream(job.image, job.num_chunks) if leader else None
-        for _ in range(job.num_chunks):
-            yield next(cameras), (next(conditions) if leader else None)
-
-    # Camera rays (CPU) and the image condition (VAE encoder) depend on nothing the DiT computes: build them
-    # ahead in a thread, off the critical path.
-    inputs = _Prefetch(chunk_inputs, dev)
+    cameras = job.camera_chunks()
+    conditions = engine.condition_stream(job.image, job.num_chunks) if leader else None
     finished = False
     at_boundary = True  # True while every rank waits at the same point (a chunk boundary)
     last_done = -1
@@ -215,11 +140,10 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                 return
             at_boundary = False
             t0 = time.perf_counter()
-            camera, y = next(inputs)
             y_shape = (1, MASK_CHANNELS + VAE_Z_DIM, CHUNK_LATENT_FRAMES, lat_h, lat_w)
-            y = _share(engine, y, y_shape, torch.float32)
+            y = _share(engine, next(conditions) if leader else None, y_shape, torch.float32)
             f0 = c * CHUNK_LATENT_FRAMES
-            ctx = dit.prepare_chunk(camera, f0, cache, sp)
+            ctx = dit.prepare_chunk(next(cameras), f0, cache, sp)
             x = noise[:, :, f0 : f0 + CHUNK_LATENT_FRAMES]
             x0 = x
             for i, t in enumerate(sched.timesteps):
@@ -237,7 +161,6 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
             yield c, x0, (time.perf_counter() - t0) * 1e3
         finished = True
     finally:
-        inputs.close()
         if sp.enabled and not finished:
             if not at_boundary:
                 # A rank failed inside a chunk: the others sit in a collective we cannot match any more.
@@ -249,6 +172,9 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                     _share(engine, torch.tensor([_STOP]), (1,), torch.int64)
                 except Exception:  # noqa: BLE001 - a broken group is reported by the pool, not here
                     engine.ranks_in_sync = False
+
+
+_DONE = object()
 
 
 def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
@@ -287,7 +213,7 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                 torch.cuda.set_device(dev)
             # The DiT is the critical path: its stream gets the highest priority, so the decoder's kernels
             # (default priority) fill the SMs the DiT leaves idle instead of slowing it down.
-            with torch.inference_mode(), _stream(dev, DIT):
+            with torch.inference_mode(), _stream(dev, -100):
                 for c, x0, dit_ms in _denoise_chunks(engine, job, stop):
                     if not put(to_decode, (c, x0, dit_ms), until=stop):
                         break
@@ -302,7 +228,7 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                 torch.cuda.set_device(dev)
             decoder = engine.decoder()
             frame_start = 0
-            with torch.inference_mode(), _stream(dev, DECODE):
+            with torch.inference_mode(), _stream(dev, 0):
                 while True:
                     try:
                         item = to_decode.get(timeout=0.1)
