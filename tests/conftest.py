@@ -32,3 +32,11 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine():
+    """One warm tiny-preset engine (random weights, CPU) shared by the tests that only run jobs through it."""
+    from worker.engine import Engine
+
+    return Engine.load("tiny", device="cpu")

@@ -29,10 +29,8 @@ LOGGERS = ("", "worker", "botocore", "boto3", "s3transfer", "urllib3", "handler"
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from worker.engine import Engine
-
-    return Engine.load("tiny", device="cpu")
+def engine(tiny_engine):
+    return tiny_engine
 
 
 def _req(**kw) -> dict:

@@ -32,10 +32,8 @@ SECRET = "fault-test-secret-" + "9" * 22
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from worker.engine import Engine
-
-    return Engine.load("tiny", device="cpu")
+def engine(tiny_engine):
+    return tiny_engine
 
 
 def _req(**kw) -> dict:
