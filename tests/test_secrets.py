@@ -9,8 +9,6 @@ place only: the `url` field of the video result (and the callback body that carr
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import threading
@@ -18,8 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from PIL import Image
 
+from jobs import small_request
 from worker import webhook
 from worker.service import JobRunner
 
@@ -33,12 +31,7 @@ def engine(tiny_engine):
     return tiny_engine
 
 
-def _req(**kw) -> dict:
-    buf = io.BytesIO()
-    Image.radial_gradient("L").convert("RGB").resize((64, 48)).save(buf, "PNG")
-    base = {"prompt": "a stone corridor", "image": base64.b64encode(buf.getvalue()).decode(), "size": "64x48",
-            "num_chunks": 1, "seed": 5, "camera_actions": [[], ["w"]], "stream": {"format": "none"}}
-    return {**base, **kw}
+_req = small_request
 
 
 class _Receiver:

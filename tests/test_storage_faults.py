@@ -12,10 +12,8 @@ partial file, and the worker serves the next job.
 
 from __future__ import annotations
 
-import base64
 import errno
 import hashlib
-import io
 import socket
 import threading
 import time
@@ -23,8 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
+from jobs import small_request
 from worker import media
 from worker.storage import StorageConfig, store_video
 
@@ -37,11 +35,7 @@ def engine(tiny_engine):
 
 
 def _req(**kw) -> dict:
-    buf = io.BytesIO()
-    Image.radial_gradient("L").convert("RGB").resize((64, 48)).save(buf, "PNG")
-    base = {"prompt": "a stone corridor", "image": base64.b64encode(buf.getvalue()).decode(), "size": "64x48",
-            "num_chunks": 1, "seed": 3, "camera_actions": [[], ["w"], ["w", "l"]], "stream": {"format": "none"}}
-    return {**base, **kw}
+    return small_request(**{"seed": 3, "camera_actions": [[], ["w"], ["w", "l"]], **kw})
 
 
 def _runner(engine, env: dict):
