@@ -45,6 +45,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from worker.media import CONTENT_TYPES, sha256_file
+from worker.schema import MAX_PRESIGN_S  # SigV4 presigned URLs live at most 7 days
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,6 @@ def _install_log_redaction() -> None:
 _install_log_redaction()
 
 MIB = 1024 * 1024
-MAX_PRESIGN_EXPIRES_S = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer
 
 # S3 bucket names: 3..63 of lowercase letters, digits, dots, hyphens; start and end alphanumeric.
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -158,7 +158,7 @@ class StorageConfig:
             multipart_threshold=num("LINGBOT_S3_MULTIPART_THRESHOLD", 16 * MIB, int, 1),
             multipart_chunksize=num("LINGBOT_S3_MULTIPART_CHUNKSIZE", 16 * MIB, int, 1),
             max_concurrency=num("LINGBOT_S3_MAX_CONCURRENCY", 4, int, 1, 64),
-            presign_expires_s=num("LINGBOT_PRESIGN_EXPIRES_S", 3600, int, 1, MAX_PRESIGN_EXPIRES_S),
+            presign_expires_s=num("LINGBOT_PRESIGN_EXPIRES_S", 3600, int, 1, MAX_PRESIGN_S),
             addressing_style=choice("LINGBOT_S3_ADDRESSING_STYLE", None, ("auto", "path", "virtual")),
             checksum=choice("LINGBOT_S3_CHECKSUM", "when_supported", ("when_supported", "when_required")),
         )
@@ -277,8 +277,8 @@ def store_video(
     if not local_path.is_file():
         raise FileNotFoundError(f"video file not found: {local_path}")
     expires = config.presign_expires_s if presign_expires_s is None else presign_expires_s
-    if isinstance(expires, bool) or not isinstance(expires, int) or not 1 <= expires <= MAX_PRESIGN_EXPIRES_S:
-        raise ValueError(f"presign_expires_s must be an integer in 1..{MAX_PRESIGN_EXPIRES_S}, got {expires!r}")
+    if isinstance(expires, bool) or not isinstance(expires, int) or not 1 <= expires <= MAX_PRESIGN_S:
+        raise ValueError(f"presign_expires_s must be an integer in 1..{MAX_PRESIGN_S}, got {expires!r}")
     if s3_uri is not None:
         bucket, key = parse_s3_uri(s3_uri)
         if key == "" or key.endswith("/"):
