@@ -105,8 +105,8 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     """Per-worker request limits. Build with `Limits.from_env` (or `Limits.for_preset`)."""
 
     max_prompt_chars: int = MAX_PROMPT_CHARS
-    max_width: int = 1280
-    max_height: int = 1280
+    max_width: int = config.FULL.max_size[0]
+    max_height: int = config.FULL.max_size[1]
     max_chunks: int = config.max_chunks(config.DiTConfig())  # RoPE table / chunk size: 1024 // 3 = 341
     max_image_bytes: int = MAX_IMAGE_BYTES
     max_image_pixels: int = MAX_IMAGE_PIXELS
