@@ -563,11 +563,12 @@ def camera_condition(
     Neither: a still camera. Chunk c is [:, :, 3c:3c+3]. Filled chunk by chunk, so the only large allocation is
     the result itself (see iter_camera_condition to avoid even that).
     """
-    rel, k = _relative_path(
+    chunks = iter_camera_condition(
         width=width, height=height, num_chunks=num_chunks, actions=actions, poses=poses, intrinsics=intrinsics
     )
     sh, sw = VAE_STRIDE[1], VAE_STRIDE[2]
-    out = torch.empty((1, _RAY_CHANNELS * sh * sw, rel.shape[0], height // sh, width // sw), dtype=torch.float32)
-    for c, chunk in enumerate(_iter_chunks(rel, k, height, width)):
+    n_lat = CHUNK_LATENT_FRAMES * num_chunks
+    out = torch.empty((1, _RAY_CHANNELS * sh * sw, n_lat, height // sh, width // sw), dtype=torch.float32)
+    for c, chunk in enumerate(chunks):
         out[:, :, c * CHUNK_LATENT_FRAMES : (c + 1) * CHUNK_LATENT_FRAMES] = chunk
     return out
