@@ -89,4 +89,4 @@ with torch.inference_mode():
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fwd()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90))

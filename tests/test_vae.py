@@ -42,6 +42,33 @@ def test_streamed_condition_equals_one_shot_encode(svae: StreamingVAE) -> None:
     torch.testing.assert_close(streamed, ref, rtol=0, atol=1e-6)
 
 
+def test_condition_encode_stops_at_the_exact_fixed_point(svae: StreamingVAE, monkeypatch) -> None:
+    """Past the encoder's receptive field the zero-frame chunks repeat; they are then served without encoding,
+    and every chunk still equals diffusers' one-shot encode of the whole clip."""
+    n = 12
+    img = _image(5)
+    ref = svae.encode_condition(img, n)
+    calls = []
+    real_step = svae._encoder_step
+    monkeypatch.setattr(svae, "_encoder_step", lambda frames: calls.append(1) or real_step(frames))
+    svae.start_condition(img)
+    chunks, encoded_per_chunk = [], []
+    for _ in range(n):
+        before = len(calls)
+        chunks.append(svae.next_condition_chunk())
+        encoded_per_chunk.append(len(calls) - before)
+    torch.testing.assert_close(torch.cat(chunks, 1), ref, rtol=0, atol=1e-6)
+    frozen_from = encoded_per_chunk.index(0)  # first chunk served from the fixed point
+    assert 2 <= frozen_from < n, encoded_per_chunk
+    assert all(e == 0 for e in encoded_per_chunk[frozen_from:])
+    # the chunks just before the freeze still differed: the image's influence had to die out first
+    assert not torch.equal(chunks[1], chunks[frozen_from])
+    # a new job starts from scratch: the image is encoded again, not served from the old fixed point
+    svae.start_condition(_image(6))
+    assert not torch.equal(svae.next_condition_chunk(), chunks[0])
+    assert svae._enc_fixed is None
+
+
 def test_condition_mask_and_normalisation(svae: StreamingVAE) -> None:
     img = _image(3)
     svae.start_condition(img)

@@ -20,10 +20,7 @@ With sequence parallelism every rank runs the blocks on 1/N of the tokens (see w
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,75 +28,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.config import DiTConfig
+from worker.models.fused import (
+    apply_rope,
+    attn_residual_camera_norm3,
+    gated_residual,
+    linear_gelu,
+    modulated_norm,
+    residual_modulated_norm,
+    rms_norm,
+    rms_norm_rope,
+)
 from worker.models.kv_cache import KVCache
 from worker.parallel.sp import SINGLE, SequenceParallel
-
-
-# --- fused elementwise pieces ---------------------------------------------------------------------------
-# Between the GEMMs and attention, a block does LayerNorm/modulation/RMSNorm/RoPE/gating on [tokens, 5120] fp32
-# tensors; as separate kernels that was ~30% of a block's GPU time (docs/PERFORMANCE.md). On CUDA each chain
-# below is compiled once into a fused kernel; on the CPU (tests, tiny model) it runs eagerly, same math.
-_COMPILE = os.environ.get("LINGBOT_COMPILE", "1") != "0"
-
-
-def fusable(fn: Callable) -> Callable:
-    compiled: Callable | None = None
-
-    @functools.wraps(fn)
-    def run(*args):
-        nonlocal compiled
-        if _COMPILE and args[0].is_cuda:
-            if compiled is None:
-                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-                # dynamic: one kernel per chain serves every request size (a size-specialised compile would
-                # stall the first job at each new size for tens of seconds)
-                compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-            return compiled(*args)
-        return fn(*args)
-
-    return run
-
-
-@fusable
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Wan's RMSNorm over the full model dim (across heads): normalise in fp32, scale in the input dtype."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
-
-
-@fusable
-def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype):
-    """LN(x) * (1 + scale) + shift, no affine, fp32 math, cast for the next matmul."""
-    return (F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift).to(dtype)
-
-
-@fusable
-def attn_residual_camera_norm3(x, attn, gate, cam_scale, cam_shift, w3, b3, eps: float, dtype: torch.dtype):
-    """x += gate * attn; camera modulation; then norm3 (affine LN) for the cross-attention query."""
-    x = x + gate * attn.float()
-    x = (1 + cam_scale) * x + cam_shift
-    return x, F.layer_norm(x, (x.shape[-1],), w3.float(), b3.float(), eps).to(dtype)
-
-
-@fusable
-def residual_modulated_norm(x, y, shift, scale, eps: float, dtype: torch.dtype):
-    """x += y (cross-attention out); then the FFN's LN(x) * (1 + scale) + shift."""
-    x = x + y.float()
-    return x, (F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift).to(dtype)
-
-
-@fusable
-def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    return x + gate * y.float()
-
-
-@fusable
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, L, H, D] with (2j, 2j+1) as a complex pair; cos/sin [L, D/2]; fp32 math like the official code."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    a, b = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -194,15 +134,21 @@ class SelfAttention(Attention):
     ) -> torch.Tensor | None:
         b, s, _ = x.shape
         hd = (self.num_heads, self.head_dim)
-        # With sequence parallelism, q's all-to-all runs while k and v are projected, and k/v's while q is
-        # rotated: the exchange overlaps compute instead of stalling it.
-        q = sp.seq_to_heads_async(self.norm_q(self.q(x)).view(b, s, *hd), ctx.num_tokens)
-        k = self.norm_k(self.k(x)).view(b, s, *hd)
-        v = self.v(x).view(b, s, *hd)
-        kv = sp.seq_to_heads_async(torch.stack([k, v]) if sp.enabled else (k, v), ctx.num_tokens)
-        q = apply_rope(q(), ctx.cos, ctx.sin)
-        k, v = kv()
-        k = apply_rope(k, ctx.cos, ctx.sin)
+        if not sp.enabled:
+            # RMSNorm (across all heads) and RoPE in one pass over q and over k
+            q = rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, ctx.cos, ctx.sin, self.num_heads)
+            k = rms_norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, ctx.cos, ctx.sin, self.num_heads)
+            v = self.v(x).view(b, s, *hd)
+        else:
+            # The norm needs every head, RoPE every token: the all-to-all sits between them. q's exchange runs
+            # while k and v are projected, and k/v's while q is rotated, so it overlaps compute.
+            q = sp.seq_to_heads_async(self.norm_q(self.q(x)).view(b, s, *hd), ctx.num_tokens)
+            k = self.norm_k(self.k(x)).view(b, s, *hd)
+            v = self.v(x).view(b, s, *hd)
+            kv = sp.seq_to_heads_async(torch.stack([k, v]), ctx.num_tokens)
+            q = apply_rope(q(), ctx.cos, ctx.sin)
+            k, v = kv()
+            k = apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.write(layer, k, v)
         if cache_only:
@@ -262,7 +208,7 @@ class Block(nn.Module):
         x, h = attn_residual_camera_norm3(x, attn, gate1, ctx.cam_scale[layer], ctx.cam_shift[layer],
                                           self.norm3.weight, self.norm3.bias, self.eps, wdt)
         x, h = residual_modulated_norm(x, self.cross_attn(h, text_kv), shift2, scale2, self.eps, wdt)
-        return gated_residual(x, self.ffn(h), gate2)
+        return gated_residual(x, self.ffn[2](linear_gelu(self.ffn[0], h)), gate2)
 
 
 class Head(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.models.dit import fusable
+from worker.models.fused import fusable
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -23,7 +23,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).to(FP8), scale
 
 
-quantize_rows_fused = fusable(quantize_rows)
+quantize_rows_fused = fusable(tokens={0: 0})(quantize_rows)
 
 
 class Fp8Linear(nn.Module):

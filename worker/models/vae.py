@@ -78,6 +78,8 @@ class StreamingVAE:
         self._enc_chunk = None
         self._dec_chunk = None
         self._enc_image = None
+        self._enc_prev_state: list | None = None  # encoder feature cache after the previous all-zero chunk
+        self._enc_fixed: torch.Tensor | None = None  # the condition chunk once that cache reached a fixed point
 
     # ---- normalisation ------------------------------------------------------------------------------------
     def normalize(self, mu: torch.Tensor) -> torch.Tensor:
@@ -105,6 +107,7 @@ class StreamingVAE:
         self._enc_image = image.to(device=self.device, dtype=self.dtype)
         self._enc_h, self._enc_w = h, w
         self._enc_chunk = 0
+        self._enc_prev_state = self._enc_fixed = None
 
     def _encoder_step(self, frames: torch.Tensor) -> torch.Tensor:
         # One call of diffusers' per-group encoder loop: conv index restarts, cache carries over.
@@ -113,10 +116,31 @@ class StreamingVAE:
 
     @torch.no_grad()
     def next_condition_chunk(self) -> torch.Tensor:
-        """Next 3 latent frames of y = cat(mask[4], normalised latent[16]) -> [20, 3, H/8, W/8] fp32."""
+        """Next 3 latent frames of y = cat(mask[4], normalised latent[16]) -> [20, 3, H/8, W/8] fp32.
+
+        Every chunk after the first encodes zero frames, and the encoder's causal receptive field is finite, so
+        its feature cache stops changing once the image has left it (after about 10 chunks; docs/MODEL.md). When
+        one all-zero chunk leaves the cache exactly as it found it (torch.equal on every entry), the state is a
+        fixed point: every later chunk would compute the same output from the same state, so that output is
+        returned without running the encoder. The check needs no assumption about the weights.
+        """
         if self._enc_chunk is None:
             raise RuntimeError("next_condition_chunk() before start_condition()")
         k = self._enc_chunk
+        if self._enc_fixed is not None:
+            self._enc_chunk = k + 1
+            return self._enc_fixed.clone()
+        y = self._encode_condition_chunk(k)
+        if k >= 1:
+            state = _snapshot(self.vae._enc_feat_map)
+            if self._enc_prev_state is not None and _same_state(state, self._enc_prev_state):
+                self._enc_fixed = y.clone()
+                self._enc_prev_state = None
+            else:
+                self._enc_prev_state = state
+        return y
+
+    def _encode_condition_chunk(self, k: int) -> torch.Tensor:
         n = pixel_frames_for_chunk(k)
         clip = torch.zeros(1, 3, n, self._enc_h, self._enc_w, dtype=self.dtype, device=self.device)
         outs = []
@@ -181,6 +205,24 @@ class StreamingVAE:
         out = self.vae.decode(self.denormalize(latents)[None]).sample[0]
         self.vae.clear_cache()
         return out
+
+
+def _snapshot(feat_map: list) -> list:
+    return [x.clone() if isinstance(x, torch.Tensor) else x for x in feat_map]
+
+
+def _same_state(a: list, b: list) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 __all__ = ["StreamingVAE", "build_vae", "load_vae", "CONDITION_CHANNELS"]

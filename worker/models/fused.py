@@ -1,0 +1,153 @@
+"""The DiT's elementwise chains (norms, modulation, RoPE, gated residuals), fused into single kernels on CUDA.
+
+Between its GEMMs and attention a block runs LayerNorm/modulation/RMSNorm/RoPE/gating over [tokens, 5120] fp32
+tensors; as separate eager kernels that was ~30% of a block's GPU time (docs/PERFORMANCE.md, v0). Each chain
+below is one function, compiled by Inductor on CUDA and run eagerly elsewhere (tests, the tiny model): same math.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_COMPILE = os.environ.get("LINGBOT_COMPILE", "1") != "0"
+
+
+def fusable(*, tokens: dict[int, int]) -> Callable[[Callable], Callable]:
+    """Compile `fn` on CUDA with only the token axes symbolic: tokens maps argument index -> its token dim.
+
+    The token count changes with the request size (and the sequence-parallel split), so it must stay symbolic
+    or every new size would stall a job for a recompile. Everything else (model dim, heads, head dim) is static:
+    with those symbolic too (dynamic=True) Inductor emitted looped multi-pass reductions and div/mod indexing,
+    and the LayerNorm and RoPE kernels ran at a third to a sixth of memory bandwidth (docs/PERFORMANCE.md v8).
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        compiled: Callable | None = None
+
+        @functools.wraps(fn)
+        def run(*args):
+            nonlocal compiled
+            if not (_COMPILE and args[0].is_cuda):
+                return fn(*args)
+            if compiled is None:
+                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+                _prefer_single_pass_rows()
+                compiled = torch.compile(fn, fullgraph=True)
+            for i, dim in tokens.items():
+                torch._dynamo.maybe_mark_dynamic(args[i], dim)
+            return compiled(*args)
+
+        run.eager = fn
+        return run
+
+    return wrap
+
+
+ROW_IN_REGISTERS = 8192  # reductions over rows up to this many elements (the 5120 model dim) stay in registers
+
+
+def _row_choices():
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    class SinglePassRows(InductorChoices):
+        """Inductor keeps a reduction row in registers ("persistent") only up to 1024 elements; longer rows
+        get a looped kernel that reads the row once for the statistics and again to normalise. For our
+        5120-wide fp32 rows that second pass is a second trip to HBM (the rows do not stay in L2): the LayerNorm
+        chains ran at about a third of memory bandwidth. A whole row in registers is 20 KB: cheap."""
+
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
+            if V.graph.sizevars.statically_known_leq(features.reduction_numel, ROW_IN_REGISTERS):
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+        def uuid(self) -> str:  # part of Inductor's cache key
+            return f"lingbot-single-pass-rows-{ROW_IN_REGISTERS}"
+
+    return SinglePassRows()
+
+
+def _prefer_single_pass_rows() -> None:
+    """Install the heuristic above for the compiles in this process (LINGBOT_SINGLE_PASS_ROWS=0: Inductor's own)."""
+    if os.environ.get("LINGBOT_SINGLE_PASS_ROWS", "1") == "0":
+        return
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config, "inductor_choices_class") and inductor_config.inductor_choices_class is None:
+        inductor_config.inductor_choices_class = _row_choices
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float().unflatten(-1, (-1, 2))
+    a, b = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).type_as(x)
+
+
+@fusable(tokens={0: 1})
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Wan's RMSNorm over the full model dim (across heads): normalise in fp32, scale in the input dtype."""
+    return _rms(x, weight, eps)
+
+
+@fusable(tokens={0: 1, 1: 0, 2: 0})
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, L, H, D] with (2j, 2j+1) as a complex pair; cos/sin [L, D/2]; fp32 math like the official code."""
+    return _rope(x, cos, sin)
+
+
+@fusable(tokens={0: 1, 3: 0, 4: 0})
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                  heads: int) -> torch.Tensor:
+    """[B, L, dim] -> RMSNorm across heads -> [B, L, H, D] rotated: one pass instead of two on one GPU."""
+    return _rope(_rms(x, weight, eps).unflatten(-1, (heads, -1)), cos, sin)
+
+
+@fusable(tokens={0: 1})
+def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype):
+    """LN(x) * (1 + scale) + shift, no affine, fp32 math, cast for the next matmul."""
+    return (F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift).to(dtype)
+
+
+@fusable(tokens={0: 1, 1: 1, 3: 1, 4: 1})
+def attn_residual_camera_norm3(x, attn, gate, cam_scale, cam_shift, w3, b3, eps: float, dtype: torch.dtype):
+    """x += gate * attn; camera modulation; then norm3 (affine LN) for the cross-attention query."""
+    x = x + gate * attn.float()
+    x = (1 + cam_scale) * x + cam_shift
+    return x, F.layer_norm(x, (x.shape[-1],), w3.float(), b3.float(), eps).to(dtype)
+
+
+@fusable(tokens={0: 1, 1: 1})
+def residual_modulated_norm(x, y, shift, scale, eps: float, dtype: torch.dtype):
+    """x += y (cross-attention out); then the FFN's LN(x) * (1 + scale) + shift."""
+    x = x + y.float()
+    return x, (F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift).to(dtype)
+
+
+@fusable(tokens={0: 1, 1: 1})
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return x + gate * y.float()
+
+
+def linear_gelu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(linear(x)); on CUDA the GELU runs in the GEMM's epilogue (cuBLASLt GELU_BIAS, the tanh form)
+    instead of as a separate pass over the [tokens, 13824] activation."""
+    if x.is_cuda and _GELU_EPILOGUE and isinstance(linear, nn.Linear) and linear.bias is not None:
+        out = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], -1)
+    return F.gelu(linear(x), approximate="tanh")
+
+
+_GELU_EPILOGUE = os.environ.get("LINGBOT_GELU_EPILOGUE", "1") != "0"
