@@ -64,9 +64,10 @@ def _row_choices():
 
         @staticmethod
         def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
-            if V.graph.sizevars.statically_known_leq(features.reduction_numel, ROW_IN_REGISTERS):
-                return True
-            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+            default = InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+            if cooperative_reduction:
+                return default
+            return default or bool(V.graph.sizevars.statically_known_leq(features.reduction_numel, ROW_IN_REGISTERS))
 
         def uuid(self) -> str:  # part of Inductor's cache key
             return f"lingbot-single-pass-rows-{ROW_IN_REGISTERS}"
