@@ -16,15 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 _COMPILE = os.environ.get("LINGBOT_COMPILE", "1") != "0"
+_SINGLE_PASS = os.environ.get("LINGBOT_SINGLE_PASS_ROWS", "1") != "0"
 
 
-def fusable(*, tokens: dict[int, int]) -> Callable[[Callable], Callable]:
+def fusable(*, tokens: dict[int, int], single_pass_rows: bool = True) -> Callable[[Callable], Callable]:
     """Compile `fn` on CUDA with only the token axes symbolic: tokens maps argument index -> its token dim.
 
     The token count changes with the request size (and the sequence-parallel split), so it must stay symbolic
     or every new size would stall a job for a recompile. Everything else (model dim, heads, head dim) is static:
     with those symbolic too (dynamic=True) Inductor emitted looped multi-pass reductions and div/mod indexing,
     and the LayerNorm and RoPE kernels ran at a third to a sixth of memory bandwidth (docs/PERFORMANCE.md v8).
+    single_pass_rows: keep each reduction row in registers (see SinglePassRows); measured per chain.
     """
 
     def wrap(fn: Callable) -> Callable:
@@ -37,8 +39,8 @@ def fusable(*, tokens: dict[int, int]) -> Callable[[Callable], Callable]:
                 return fn(*args)
             if compiled is None:
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-                _prefer_single_pass_rows()
-                compiled = torch.compile(fn, fullgraph=True)
+                options = {"inductor_choices_class": _row_choices} if single_pass_rows and _SINGLE_PASS else None
+                compiled = torch.compile(fn, fullgraph=True, options=options)
             for i, dim in tokens.items():
                 torch._dynamo.maybe_mark_dynamic(args[i], dim)
             return compiled(*args)
@@ -75,16 +77,6 @@ def _row_choices():
     return SinglePassRows()
 
 
-def _prefer_single_pass_rows() -> None:
-    """Install the heuristic above for the compiles in this process (LINGBOT_SINGLE_PASS_ROWS=0: Inductor's own)."""
-    if os.environ.get("LINGBOT_SINGLE_PASS_ROWS", "1") == "0":
-        return
-    import torch._inductor.config as inductor_config
-
-    if hasattr(inductor_config, "inductor_choices_class") and inductor_config.inductor_choices_class is None:
-        inductor_config.inductor_choices_class = _row_choices
-
-
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
@@ -109,7 +101,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return _rope(x, cos, sin)
 
 
-@fusable(tokens={0: 1, 3: 0, 4: 0})
+# Not single-pass: with the whole row in registers the pair-swapping RoPE indexing ran 1.7x slower (129 vs 77 us
+# per call on an H200, docs/PERFORMANCE.md v8), more than the second read costs.
+@fusable(tokens={0: 1, 3: 0, 4: 0}, single_pass_rows=False)
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                   heads: int) -> torch.Tensor:
     """[B, L, dim] -> RMSNorm across heads -> [B, L, H, D] rotated: one pass instead of two on one GPU."""
