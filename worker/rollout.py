@@ -19,9 +19,7 @@ the next chunk boundary instead of leaving them inside a collective.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -183,15 +181,6 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
 _DONE = object()
 
 
-def _shorten_gil_switch() -> None:
-    """Three Python threads share the GIL here (DiT launches, VAE decode launches, the consumer's frame encoding).
-    A thread that wants the GIL waits up to the switch interval (5 ms by default) for its holder to let go, and
-    while the DiT thread waits, the GPU can run out of queued DiT kernels: a profile on an H100 showed idle gaps of
-    ~5 ms on the DiT stream. A 0.5 ms interval bounds those waits (LINGBOT_GIL_SWITCH_MS; process-wide)."""
-    ms = float(os.environ.get("LINGBOT_GIL_SWITCH_MS", "0.5"))
-    if ms > 0:
-        sys.setswitchinterval(ms / 1e3)
-
 
 def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
     """Yields one ChunkOutput per chunk on the leader; followers yield nothing and return when told to.
@@ -208,8 +197,6 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
         return
 
     dev = engine.device
-    if dev.type == "cuda":
-        _shorten_gil_switch()
     stop = threading.Event()  # producer: stop at the next chunk boundary (cancel, or the decoder failed)
     cancelled = threading.Event()  # the consumer is gone: nobody reads `out` any more
     to_decode: queue.Queue = queue.Queue(maxsize=2)

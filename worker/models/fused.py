@@ -30,7 +30,7 @@ def fusable(*, tokens: dict[int, int], single_pass_rows: bool = True) -> Callabl
     """
 
     def wrap(fn: Callable) -> Callable:
-        compiled: Callable | None = None
+        compiled: tuple | None = None
 
         @functools.wraps(fn)
         def run(*args):
@@ -39,11 +39,18 @@ def fusable(*, tokens: dict[int, int], single_pass_rows: bool = True) -> Callabl
                 return fn(*args)
             if compiled is None:
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-                options = {"inductor_choices_class": _row_choices} if single_pass_rows and _SINGLE_PASS else None
-                compiled = torch.compile(fn, fullgraph=True, options=options)
+                factory = _row_choices if single_pass_rows and _SINGLE_PASS else _default_choices
+                compiled = (torch.compile(fn, fullgraph=True, options={"inductor_choices_class": factory}),
+                            factory())
             for i, dim in tokens.items():
                 torch._dynamo.maybe_mark_dynamic(args[i], dim)
-            return compiled(*args)
+            # Inductor caches its heuristics object per thread after the first compile there, so the config
+            # option alone (which keys the compile cache) would not switch it between chains: set it too.
+            from torch._inductor.virtualized import V
+
+            fn_compiled, choices = compiled
+            with V.set_choices_handler(choices):
+                return fn_compiled(*args)
 
         run.eager = fn
         return run
@@ -52,6 +59,16 @@ def fusable(*, tokens: dict[int, int], single_pass_rows: bool = True) -> Callabl
 
 
 ROW_IN_REGISTERS = 8192  # reductions over rows up to this many elements (the 5120 model dim) stay in registers
+
+
+def _default_choices():
+    from torch._inductor.choices import InductorChoices
+
+    class Default(InductorChoices):
+        def uuid(self) -> str:
+            return "inductor-default"
+
+    return Default()
 
 
 def _row_choices():
