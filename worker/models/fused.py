@@ -8,6 +8,7 @@ below is one function, compiled by Inductor on CUDA and run eagerly elsewhere (t
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable
 
@@ -15,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger("worker.fused")
 _COMPILE = os.environ.get("LINGBOT_COMPILE", "1") != "0"
 _SINGLE_PASS = os.environ.get("LINGBOT_SINGLE_PASS_ROWS", "1") != "0"
 
 
-def fusable(*, tokens: dict[int, int], single_pass_rows: bool = True) -> Callable[[Callable], Callable]:
-    """Compile `fn` on CUDA with only the token axes symbolic: tokens maps argument index -> its token dim.
+def fusable(*, tokens: dict[int, int | tuple[int, ...]], single_pass_rows: bool = True) -> Callable[[Callable], Callable]:
+    """Compile `fn` on CUDA with only the token axes symbolic: tokens maps argument index -> its token dim(s).
 
     The token count changes with the request size (and the sequence-parallel split), so it must stay symbolic
     or every new size would stall a job for a recompile. Everything else (model dim, heads, head dim) is static:
@@ -42,15 +44,25 @@ def fusable(*, tokens: dict[int, int], single_pass_rows: bool = True) -> Callabl
                 factory = _row_choices if single_pass_rows and _SINGLE_PASS else _default_choices
                 compiled = (torch.compile(fn, fullgraph=True, options={"inductor_choices_class": factory}),
                             factory())
-            for i, dim in tokens.items():
-                torch._dynamo.maybe_mark_dynamic(args[i], dim)
+            for i, dims in tokens.items():
+                for dim in (dims,) if isinstance(dims, int) else dims:
+                    if dim < args[i].dim():
+                        torch._dynamo.maybe_mark_dynamic(args[i], dim)
             # Inductor caches its heuristics object per thread after the first compile there, so the config
             # option alone (which keys the compile cache) would not switch it between chains: set it too.
             from torch._inductor.virtualized import V
 
             fn_compiled, choices = compiled
-            with V.set_choices_handler(choices):
-                return fn_compiled(*args)
+            if fn_compiled is None:
+                return fn(*args)
+            try:
+                with V.set_choices_handler(choices):
+                    return fn_compiled(*args)
+            except torch._dynamo.exc.BackendCompilerFailed as exc:
+                # Same math eagerly: a kernel that fails to build must not take a warm worker down.
+                log.warning("fused %s failed to compile, running it eagerly: %s", fn.__name__, str(exc)[:500])
+                compiled = (None, None)
+                return fn(*args)
 
         run.eager = fn
         return run
@@ -163,3 +175,13 @@ def linear_gelu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 _GELU_EPILOGUE = os.environ.get("LINGBOT_GELU_EPILOGUE", "1") != "0"
+
+
+@fusable(tokens={0: (2, 3, 4)}, single_pass_rows=False)  # T, H, W vary with the request and the decoder stage
+def wan_rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias) -> torch.Tensor:
+    """The Wan VAE's channel RMSNorm (diffusers' WanRMS_norm: F.normalize over channels in fp32, then
+    * sqrt(C) * gamma + bias) in one pass. Eagerly it is six passes over a [1, C, T, H, W] tensor, several of them
+    broadcasting kernels that do not vectorise on channels-last activations: most of the decoder's non-conv time."""
+    xf = x.float()
+    n = (xf / xf.norm(2, 1, keepdim=True).clamp_min(1e-12)).to(x.dtype)
+    return n * scale * gamma + bias

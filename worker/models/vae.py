@@ -14,6 +14,8 @@ StreamingVAE owns one model, so only one streamed encode and one streamed decode
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import torch
@@ -60,6 +62,8 @@ class StreamingVAE:
             for m in vae.modules():
                 if isinstance(m, torch.nn.Conv3d):
                     m.weight.data = m.weight.data.to(memory_format=torch.channels_last_3d)
+            if os.environ.get("LINGBOT_VAE_FUSED_NORM", "1") != "0":
+                _fuse_rms_norms(vae)
         z = vae.config.z_dim
         if z != VAE_Z_DIM:
             raise ValueError(f"VAE z_dim {z} != {VAE_Z_DIM} (the DiT's latent space)")
@@ -205,6 +209,21 @@ class StreamingVAE:
         out = self.vae.decode(self.denormalize(latents)[None]).sample[0]
         self.vae.clear_cache()
         return out
+
+
+def _fuse_rms_norms(vae: AutoencoderKLWan) -> None:
+    """Route every channel-first WanRMS_norm through one fused kernel (worker.models.fused.wan_rms_norm)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    from worker.models.fused import wan_rms_norm
+
+    for m in vae.modules():
+        if isinstance(m, WanRMS_norm) and m.channel_first:
+            m.forward = functools.partial(_fused_rms_forward, m, wan_rms_norm)
+
+
+def _fused_rms_forward(m, fused, x: torch.Tensor) -> torch.Tensor:
+    return fused(x, m.gamma, m.scale, m.bias)
 
 
 def _snapshot(feat_map: list) -> list:
