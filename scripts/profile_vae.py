@@ -1,8 +1,10 @@
 """Streamed VAE decode cost at 832x480 (full-size Wan2.1 VAE, random weights), under cuDNN settings.
 
-    python3 scripts/profile_vae.py
+    python3 scripts/profile_vae.py [FRAMES.pt]
+(LINGBOT_VAE_FUSED_NORM=0 times diffusers' own RMSNorm instead of the fused one.)
 Prints ms per 12-frame chunk (3 latent frames) for: default, cudnn.benchmark, channels_last_3d, both.
 """
+import sys
 import time
 
 import torch
@@ -42,5 +44,7 @@ with torch.inference_mode():
             m.weight.data = m.weight.data.to(memory_format=torch.channels_last_3d)
     run("+channels_last_3d (tuning)")
     c = run("+channels_last_3d")
+    if len(sys.argv) > 1:  # save the default run's frames for a comparison across runs
+        torch.save(ref.float().cpu(), sys.argv[1])
     print("max |diff| benchmark vs default", (b.float() - ref.float()).abs().max().item(),
           "channels_last vs default", (c.float() - ref.float()).abs().max().item())
