@@ -143,3 +143,19 @@ def test_build_is_seeded_and_load_roundtrip(tmp_path, svae: StreamingVAE) -> Non
 def test_bad_image_size(svae: StreamingVAE) -> None:
     with pytest.raises(ValueError):
         svae.start_condition(torch.zeros(3, 50, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("images", [False, True])
+def test_fused_rms_norm_math_is_diffusers_rms_norm(dtype: torch.dtype, images: bool) -> None:
+    """The chain that CUDA compiles into one kernel is, run eagerly, bit for bit diffusers' WanRMS_norm."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    from worker.models.fused import wan_rms_norm
+
+    g = torch.Generator().manual_seed(7)
+    m = WanRMS_norm(24, images=images).to(dtype)
+    with torch.no_grad():
+        m.gamma.copy_(torch.randn(m.gamma.shape, generator=g))
+    x = torch.randn((3, 24, 5, 7) if images else (1, 24, 3, 5, 7), generator=g).to(dtype)
+    assert torch.equal(wan_rms_norm(x, m.gamma, m.scale, m.bias), m(x))
