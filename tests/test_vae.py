@@ -57,6 +57,7 @@ def test_condition_encode_stops_at_the_exact_fixed_point(svae: StreamingVAE, mon
         before = len(calls)
         chunks.append(svae.next_condition_chunk())
         encoded_per_chunk.append(len(calls) - before)
+        assert svae.condition_at_fixed_point == (encoded_per_chunk[-1] == 0)
     torch.testing.assert_close(torch.cat(chunks, 1), ref, rtol=0, atol=1e-6)
     frozen_from = encoded_per_chunk.index(0)  # first chunk served from the fixed point
     assert 2 <= frozen_from < n, encoded_per_chunk

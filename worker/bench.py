@@ -119,6 +119,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
                 "chunk": out.index, "frames": pixel_frames_for_chunk(out.index), "kv_frames": kv_frames,
                 "dit_ms": out.stats["dit_ms"], "decode_ms": out.stats["decode_ms"], "encode_ms": (now - t0) * 1e3,
                 "chunk_ms": (now - t_prev) * 1e3, "dit_tflop": flops / 1e12,
+                "condition_cached": bool(out.stats.get("condition_cached", 0.0)),
             })
             t_prev = now
             if save_latents is not None:
@@ -137,6 +138,9 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
     steady = steady or rows[1:] or rows
     med = {k: _median([r[k] for r in steady]) for k in ("dit_ms", "decode_ms", "encode_ms", "chunk_ms", "dit_tflop")}
     steady_mean_chunk_ms = _mean([r["chunk_ms"] for r in steady])
+    # Long sessions: once the image condition comes from the encoder's fixed point the leader no longer encodes.
+    cached = [r for r in steady if r["condition_cached"]]
+    med_cached = {k: _median([r[k] for r in cached]) for k in ("dit_ms", "chunk_ms")} if cached else None
     frames_total = sum(r["frames"] for r in rows)
     mfu = med["dit_tflop"] / (med["dit_ms"] / 1e3) / (peak_tflops * ranks)
     if hasattr(generator, "peak_memory"):
@@ -148,6 +152,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
         "ranks": ranks, "model": engine.info.name, "width": width, "height": height, "chunks": chunks,
         "kv_window": window, "kv_sink": sink, "steady_chunks": [r["chunk"] for r in steady],
         "median": med, "steady_mean_chunk_ms": steady_mean_chunk_ms,
+        "condition_cached_chunks": [r["chunk"] for r in cached], "median_condition_cached": med_cached,
         "generated_fps": 12 / (steady_mean_chunk_ms / 1e3), "overall_fps": frames_total / total_s,
         "decode": decode, "first_chunk_s": first_chunk_s,
         "total_s": total_s, "matmul_peak_tflops": peak_tflops, "mfu": mfu,
@@ -159,15 +164,19 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
 def print_table(res: dict) -> None:
     print(f"\n{res['model']} on {res['ranks']} x {res['device']}  {res['width']}x{res['height']}  "
           f"window {res['kv_window']} + sink {res['kv_sink']}")
-    print(f"{'chunk':>5} {'kv':>3} {'dit ms':>9} {'decode ms':>9} {'encode ms':>9} {'chunk ms':>9}")
+    print(f"{'chunk':>5} {'kv':>3} {'dit ms':>9} {'decode ms':>9} {'encode ms':>9} {'chunk ms':>9}  cond")
     for r in res["rows"]:
         print(f"{r['chunk']:>5} {r['kv_frames']:>3} {r['dit_ms']:>9.1f} {r['decode_ms']:>9.1f} "
-              f"{r['encode_ms']:>9.1f} {r['chunk_ms']:>9.1f}")
+              f"{r['encode_ms']:>9.1f} {r['chunk_ms']:>9.1f}  {'fixed' if r['condition_cached'] else 'encoded'}")
     m = res["median"]
     print(f"steady (chunks {res['steady_chunks'][0]}..{res['steady_chunks'][-1]}): DiT median {m['dit_ms']:.1f} ms, "
           f"decode {m['decode_ms']:.1f} ms (wall, overlapped), encode {m['encode_ms']:.1f} ms, "
           f"end-to-end mean {res['steady_mean_chunk_ms']:.1f} ms/chunk -> {res['generated_fps']:.2f} fps generated; "
           f"whole rollout {res['overall_fps']:.2f} fps")
+    if res.get("median_condition_cached"):
+        mc, cc = res["median_condition_cached"], res["condition_cached_chunks"]
+        print(f"steady with the condition at its fixed point (chunks {cc[0]}..{cc[-1]}, no encoder work): "
+              f"DiT median {mc['dit_ms']:.1f} ms")
     print(f"first chunk {res['first_chunk_s']:.3f} s; MFU {100 * res['mfu']:.1f}% of "
           f"{res['matmul_peak_tflops']:.0f} TFLOP/s x {res['ranks']}; peak memory GiB per rank {res['peak_memory_gib']}")
 

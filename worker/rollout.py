@@ -68,7 +68,7 @@ class ChunkOutput:
     frame_start: int  # index of the first pixel frame of this chunk in the whole video
     video: torch.Tensor | None  # [3, T, H, W] in [-1, 1], on the engine's device (None if job.decode is False)
     latents: torch.Tensor  # [16, 3, H/8, W/8] fp32, the chunk's clean x0
-    stats: dict[str, float] = field(default_factory=dict)  # dit_ms, decode_ms
+    stats: dict[str, float] = field(default_factory=dict)  # dit_ms, decode_ms, condition_cached
 
 
 def _sync(device: torch.device) -> None:
@@ -101,7 +101,10 @@ def _prompt_context(engine, prompt: str) -> torch.Tensor:
 
 
 def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None) -> Iterator[tuple[int, torch.Tensor, float]]:
-    """The DiT side of the rollout, on every rank: yields (chunk index, clean x0 [1,16,3,h,w], dit_ms)."""
+    """The DiT side of the rollout, on every rank: yields (chunk index, clean x0 [1,16,3,h,w], stats).
+
+    stats: dit_ms, and on the leader condition_cached (1.0 when the image condition came from the encoder's fixed
+    point instead of an encode, see StreamingVAE.next_condition_chunk)."""
     dit, sp, dev = engine.dit, engine.sp, engine.device
     leader = sp.is_leader
     sched = dmd_schedule()
@@ -146,6 +149,7 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
             t0 = time.perf_counter()
             y_shape = (1, MASK_CHANNELS + VAE_Z_DIM, CHUNK_LATENT_FRAMES, lat_h, lat_w)
             y = _share(engine, next(conditions) if leader else None, y_shape, torch.float32)
+            cached = float(leader and engine.vae.condition_at_fixed_point)
             f0 = c * CHUNK_LATENT_FRAMES
             ctx = dit.prepare_chunk(next(cameras), f0, cache, sp)
             x = noise[:, :, f0 : f0 + CHUNK_LATENT_FRAMES]
@@ -162,7 +166,7 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
             _sync(dev)
             at_boundary = True
             last_done = c
-            yield c, x0, (time.perf_counter() - t0) * 1e3
+            yield c, x0, {"dit_ms": (time.perf_counter() - t0) * 1e3, "condition_cached": cached}
         finished = True
     finally:
         if sp.enabled and not finished:
@@ -219,8 +223,8 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
             # The DiT is the critical path: its stream gets the highest priority, so the decoder's kernels
             # (default priority) fill the SMs the DiT leaves idle instead of slowing it down.
             with torch.inference_mode(), _stream(dev, -100):
-                for c, x0, dit_ms in _denoise_chunks(engine, job, stop):
-                    if not put(to_decode, (c, x0, dit_ms), until=stop):
+                for c, x0, dit_stats in _denoise_chunks(engine, job, stop):
+                    if not put(to_decode, (c, x0, dit_stats), until=stop):
                         break
         except BaseException as exc:  # noqa: BLE001 - handed on behind the chunks already done, in order
             put(to_decode, exc, until=stop)
@@ -246,7 +250,7 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                     if isinstance(item, BaseException):  # the DiT failed: after the chunks before it
                         put(out, item, until=cancelled)
                         break
-                    c, x0, dit_ms = item
+                    c, x0, dit_stats = item
                     t1 = time.perf_counter()
                     n_frames = pixel_frames_for_chunk(c)
                     video = None
@@ -254,7 +258,7 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                         video = decoder.decode_chunk(x0[0])
                         _sync(dev)
                         assert video.shape[1] == n_frames, (video.shape, n_frames)
-                    stats = {"dit_ms": dit_ms, "decode_ms": (time.perf_counter() - t1) * 1e3}
+                    stats = {**dit_stats, "decode_ms": (time.perf_counter() - t1) * 1e3}
                     if not put(out, ChunkOutput(c, frame_start, video, x0[0], stats), until=cancelled):
                         break
                     frame_start += n_frames

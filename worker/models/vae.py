@@ -84,6 +84,7 @@ class StreamingVAE:
         self._enc_image = None
         self._enc_prev_state: list | None = None  # encoder feature cache after the previous all-zero chunk
         self._enc_fixed: torch.Tensor | None = None  # the condition chunk once that cache reached a fixed point
+        self._enc_served_fixed = False
 
     # ---- normalisation ------------------------------------------------------------------------------------
     def normalize(self, mu: torch.Tensor) -> torch.Tensor:
@@ -112,6 +113,7 @@ class StreamingVAE:
         self._enc_h, self._enc_w = h, w
         self._enc_chunk = 0
         self._enc_prev_state = self._enc_fixed = None
+        self._enc_served_fixed = False
 
     def _encoder_step(self, frames: torch.Tensor) -> torch.Tensor:
         # One call of diffusers' per-group encoder loop: conv index restarts, cache carries over.
@@ -131,7 +133,8 @@ class StreamingVAE:
         if self._enc_chunk is None:
             raise RuntimeError("next_condition_chunk() before start_condition()")
         k = self._enc_chunk
-        if self._enc_fixed is not None:
+        self._enc_served_fixed = self._enc_fixed is not None
+        if self._enc_served_fixed:
             self._enc_chunk = k + 1
             return self._enc_fixed.clone()
         y = self._encode_condition_chunk(k)
@@ -143,6 +146,11 @@ class StreamingVAE:
             else:
                 self._enc_prev_state = state
         return y
+
+    @property
+    def condition_at_fixed_point(self) -> bool:
+        """True when the last condition chunk was served from the fixed point (the encoder did not run for it)."""
+        return self._enc_served_fixed
 
     def _encode_condition_chunk(self, k: int) -> torch.Tensor:
         n = pixel_frames_for_chunk(k)

@@ -1,0 +1,58 @@
+"""`python -m worker bench` on the tiny model (CPU): every figure the issue asks for is there and consistent."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from worker.bench import dit_chunk_flops, run_bench
+from worker.config import PRESETS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_bench_reports_every_figure(tiny_engine, tmp_path) -> None:
+    chunks = 12
+    res = run_bench(tiny_engine, width=64, height=48, chunks=chunks, window=6, sink=3, warmup_chunks=0,
+                    save_latents=tmp_path / "lat.pt")
+    rows = res["rows"]
+    assert [r["chunk"] for r in rows] == list(range(chunks))
+    assert [r["kv_frames"] for r in rows][:4] == [3, 6, 9, 9]  # span grows to sink + window, then stays
+    assert res["steady_chunks"] == list(range(2, chunks))
+    for r in rows:
+        assert r["dit_ms"] > 0 and r["decode_ms"] > 0 and r["encode_ms"] > 0 and r["chunk_ms"] > 0
+    for key in ("dit_ms", "decode_ms", "encode_ms", "chunk_ms"):
+        assert math.isfinite(res["median"][key])
+    assert res["first_chunk_s"] > 0 and res["total_s"] >= res["first_chunk_s"]
+    frames = 9 + 12 * (chunks - 1)
+    assert res["overall_fps"] == pytest.approx(frames / res["total_s"])
+    assert res["generated_fps"] == pytest.approx(12 / (res["steady_mean_chunk_ms"] / 1e3))
+    # MFU = counted FLOPs / DiT time / measured matmul peak
+    flops = dit_chunk_flops(PRESETS["tiny"].dit, 6, 8, 9)["total"]
+    assert res["mfu"] == pytest.approx(flops / (res["median"]["dit_ms"] / 1e3) / (res["matmul_peak_tflops"] * 1e12))
+    # The condition encoder reaches its fixed point within the rollout and stays there.
+    cached = [r["condition_cached"] for r in rows]
+    first = cached.index(True)
+    assert 2 <= first < chunks and all(cached[first:]) and not any(cached[:first])
+    assert res["condition_cached_chunks"] == list(range(first, chunks))
+    assert math.isfinite(res["median_condition_cached"]["dit_ms"])
+    json.dumps(res)  # the --json output
+    lat = __import__("torch").load(tmp_path / "lat.pt")
+    assert lat.shape == (16, 3 * chunks, 6, 8)
+
+
+def test_bench_cli_writes_json(tmp_path) -> None:
+    out = tmp_path / "b.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "bench", "--model", "tiny", "--device", "cpu", "--size", "64x48",
+         "--chunks", "3", "--kv-window", "6", "--kv-sink", "3", "--warmup-chunks", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["model"] == "tiny" and res["chunks"] == 3 and len(res["rows"]) == 3
+    assert "steady (chunks" in proc.stdout and "first chunk" in proc.stdout
