@@ -27,7 +27,7 @@ def fusable(*, tokens: dict[int, int | tuple[int, ...]], single_pass_rows: bool 
     The token count changes with the request size (and the sequence-parallel split), so it must stay symbolic
     or every new size would stall a job for a recompile. Everything else (model dim, heads, head dim) is static:
     with those symbolic too (dynamic=True) Inductor emitted looped multi-pass reductions and div/mod indexing,
-    and the LayerNorm and RoPE kernels ran at a third to a sixth of memory bandwidth (docs/PERFORMANCE.md v8).
+    and the LayerNorm and RoPE kernels ran at a third to a sixth of memory bandwidth (docs/PERFORMANCE.md, 2026-11-22).
     single_pass_rows: keep each reduction row in registers (see SinglePassRows); measured per chain.
     """
 
@@ -40,23 +40,23 @@ def fusable(*, tokens: dict[int, int | tuple[int, ...]], single_pass_rows: bool 
             if not (_COMPILE and args[0].is_cuda):
                 return fn(*args)
             if compiled is None:
+                from torch._inductor.virtualized import V
+
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
                 factory = _row_choices if single_pass_rows and _SINGLE_PASS else _default_choices
+                # The config option keys Inductor's compile cache; the handler is what the compile consults
+                # (Inductor keeps one heuristics object per thread after its first compile there).
                 compiled = (torch.compile(fn, fullgraph=True, options={"inductor_choices_class": factory}),
-                            factory())
+                            functools.partial(V.set_choices_handler, factory()))
+            fn_compiled, use_choices = compiled
+            if fn_compiled is None:
+                return fn(*args)
             for i, dims in tokens.items():
                 for dim in (dims,) if isinstance(dims, int) else dims:
                     if dim < args[i].dim():
                         torch._dynamo.maybe_mark_dynamic(args[i], dim)
-            # Inductor caches its heuristics object per thread after the first compile there, so the config
-            # option alone (which keys the compile cache) would not switch it between chains: set it too.
-            from torch._inductor.virtualized import V
-
-            fn_compiled, choices = compiled
-            if fn_compiled is None:
-                return fn(*args)
             try:
-                with V.set_choices_handler(choices):
+                with use_choices():
                     return fn_compiled(*args)
             except torch._dynamo.exc.BackendCompilerFailed as exc:
                 # Same math eagerly: a kernel that fails to build must not take a warm worker down.
@@ -131,7 +131,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # Not single-pass: with the whole row in registers the pair-swapping RoPE indexing ran 1.7x slower (129 vs 77 us
-# per call on an H200, docs/PERFORMANCE.md v8), more than the second read costs.
+# per call on an H200, docs/PERFORMANCE.md v9), more than the second read costs.
 @fusable(tokens={0: 1, 3: 0, 4: 0}, single_pass_rows=False)
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                   heads: int) -> torch.Tensor:
