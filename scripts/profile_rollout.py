@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from worker.bench import _bench_job
 from worker.parallel.pool import load_generator
 
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks", type=int, default=1)
@@ -32,43 +33,15 @@ def main() -> None:
     ap.add_argument("--size", default="832x480")
     a = ap.parse_args()
 
-    gen = load_generator(a.model, a.device, a.ranks, text_encoder=False)
-    w, h = (int(v) for v in a.size.split("x"))
-    job = _bench_job(w, h, a.chunks, 15, 3, decode=not a.no_decode)
-    prof = profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU])
-    arrivals = []
-    for out in gen.rollout(job):
-        arrivals.append((out.index, time.perf_counter(), out.stats))
-        if out.index == a.start:
-            prof.start()
-        if out.index == a.stop:
-            prof.stop()
+    trace, arrivals = _trace_rollout(a)
     wall_ms = (arrivals[a.stop][1] - arrivals[a.start][1]) * 1e3
     n_chunks = a.stop - a.start
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
     kernels = [e for e in trace["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
     if not kernels:
         print(f"no GPU kernels traced (device {a.device}); wall {wall_ms:.0f} ms for {n_chunks} chunks")
-        if hasattr(gen, "close"):
-            gen.close()
         return
     t0 = min(e["ts"] for e in kernels)
     t1 = max(e["ts"] + e["dur"] for e in kernels)
-
-
-    def union(iv):
-        total, end = 0.0, -1e30
-        for s, e in sorted(iv):
-            if e > end:
-                total += e - max(s, end)
-                end = e
-        return total
-
 
     by_stream = collections.defaultdict(list)
     for e in kernels:
@@ -77,17 +50,17 @@ def main() -> None:
     span = (t1 - t0) / 1e3
     print(f"\n== {a.ranks} rank(s): chunks {a.start}->{a.stop}: wall {wall_ms:.0f} ms ({wall_ms / n_chunks:.0f} ms/chunk); "
           f"traced GPU span {span:.0f} ms")
-    print(f"GPU busy (any stream) {union(all_iv) / 1e3:.0f} ms = {union(all_iv) / 1e3 / span:.1%} of the span; "
-          f"idle {span - union(all_iv) / 1e3:.0f} ms")
+    busy = _union(all_iv) / 1e3
+    print(f"GPU busy (any stream) {busy:.0f} ms = {busy / span:.1%} of the span; idle {span - busy:.0f} ms")
     for s, iv in sorted(by_stream.items(), key=lambda kv: -sum(e - b for b, e in kv[1])):
-        print(f"  stream {s}: {len(iv)} kernels, busy {union(iv) / 1e3:.0f} ms, sum {sum(e - b for b, e in iv) / 1e3:.0f} ms")
+        print(f"  stream {s}: {len(iv)} kernels, busy {_union(iv) / 1e3:.0f} ms, sum {sum(e - b for b, e in iv) / 1e3:.0f} ms")
     # kernels by name per stream (top), per chunk
     agg = collections.defaultdict(lambda: [0, 0.0])
     for e in kernels:
         key = (e["args"].get("stream", -1), e["name"][:90])
         agg[key][0] += 1
         agg[key][1] += e["dur"]
-    print(f"top kernels (ms per chunk, count per chunk):")
+    print("top kernels (ms per chunk, count per chunk):")
     for (s, name), (cnt, dur) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:40]:
         print(f"  s{s:<3} {dur / 1e3 / n_chunks:8.1f} ms {cnt / n_chunks:7.0f}x  {name}")
     # gaps on the busiest stream (the DiT): how much of its span is idle, in gaps of which size
@@ -105,8 +78,40 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"wall_ms": wall_ms, "agg": [[s, n, c, d] for (s, n), (c, d) in agg.items()]}, f)
-    if hasattr(gen, "close"):
-        gen.close()
+
+
+def _union(iv: list[tuple[float, float]]) -> float:
+    """Total length covered by a set of [start, end) intervals."""
+    total, end = 0.0, -1e30
+    for s, e in sorted(iv):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
+def _trace_rollout(a) -> tuple[dict, list]:
+    """Run the rollout, tracing the leader between the arrivals of chunks a.start and a.stop."""
+    gen = load_generator(a.model, a.device, a.ranks, text_encoder=False)
+    try:
+        w, h = (int(v) for v in a.size.split("x"))
+        job = _bench_job(w, h, a.chunks, 15, 3, decode=not a.no_decode)
+        prof = profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU])
+        arrivals = []
+        for out in gen.rollout(job):
+            arrivals.append((out.index, time.perf_counter(), out.stats))
+            if out.index == a.start:
+                prof.start()
+            if out.index == a.stop:
+                prof.stop()
+    finally:
+        if hasattr(gen, "close"):
+            gen.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return json.load(f), arrivals
 
 
 if __name__ == "__main__":  # the rank processes are spawned: they re-import this file

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from worker.bench import dit_chunk_flops, run_bench
 from worker.config import PRESETS
@@ -41,7 +42,7 @@ def test_bench_reports_every_figure(tiny_engine, tmp_path) -> None:
     assert res["condition_cached_chunks"] == list(range(first, chunks))
     assert math.isfinite(res["median_condition_cached"]["dit_ms"])
     json.dumps(res)  # the --json output
-    lat = __import__("torch").load(tmp_path / "lat.pt")
+    lat = torch.load(tmp_path / "lat.pt")
     assert lat.shape == (16, 3 * chunks, 6, 8)
 
 

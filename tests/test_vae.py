@@ -67,7 +67,7 @@ def test_condition_encode_stops_at_the_exact_fixed_point(svae: StreamingVAE, mon
     # a new job starts from scratch: the image is encoded again, not served from the old fixed point
     svae.start_condition(_image(6))
     assert not torch.equal(svae.next_condition_chunk(), chunks[0])
-    assert svae._enc_fixed is None
+    assert not svae.condition_at_fixed_point
 
 
 def test_condition_mask_and_normalisation(svae: StreamingVAE) -> None:

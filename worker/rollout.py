@@ -100,7 +100,18 @@ def _prompt_context(engine, prompt: str) -> torch.Tensor:
     return _share(engine, ctx, (1, int(n.item()), d), torch.float32)
 
 
-def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None) -> Iterator[tuple[int, torch.Tensor, float]]:
+def _agree_to_continue(engine, stopping: bool) -> bool:
+    """Chunk boundary: the leader's go/stop reaches every rank. One rank has nothing to agree on, and a device
+    round trip here would drain the GPU's queue, so it stays on the host."""
+    if not engine.sp.enabled:
+        return not stopping
+    leader = engine.sp.is_leader
+    go = _share(engine, torch.tensor([_STOP if stopping else _GO]) if leader else None, (1,), torch.int64)
+    return int(go.item()) == _GO
+
+
+def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
+                    ) -> Iterator[tuple[int, torch.Tensor, dict[str, float]]]:
     """The DiT side of the rollout, on every rank: yields (chunk index, clean x0 [1,16,3,h,w], stats).
 
     stats: dit_ms, and on the leader condition_cached (1.0 when the image condition came from the encoder's fixed
@@ -137,12 +148,7 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
     try:
         for c in range(job.num_chunks):
             stopping = leader and stop is not None and stop.is_set()
-            if sp.enabled:
-                go = _share(engine, torch.tensor([_STOP if stopping else _GO]) if leader else None, (1,), torch.int64)
-                going = int(go.item()) == _GO
-            else:  # one rank: nothing to agree on, and no device round trip (it would drain the GPU's queue)
-                going = not stopping
-            if not going:
+            if not _agree_to_continue(engine, stopping):
                 finished = True  # every rank agreed to stop here
                 return
             at_boundary = False
@@ -183,7 +189,6 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
 
 
 _DONE = object()
-
 
 
 def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:

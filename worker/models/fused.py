@@ -19,6 +19,7 @@ from torch import nn
 log = logging.getLogger("worker.fused")
 _COMPILE = os.environ.get("LINGBOT_COMPILE", "1") != "0"
 _SINGLE_PASS = os.environ.get("LINGBOT_SINGLE_PASS_ROWS", "1") != "0"
+_GELU_EPILOGUE = os.environ.get("LINGBOT_GELU_EPILOGUE", "1") != "0"
 
 
 def fusable(*, tokens: dict[int, int | tuple[int, ...]], single_pass_rows: bool = True) -> Callable[[Callable], Callable]:
@@ -173,8 +174,6 @@ def linear_gelu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return out.view(*x.shape[:-1], -1)
     return F.gelu(linear(x), approximate="tanh")
 
-
-_GELU_EPILOGUE = os.environ.get("LINGBOT_GELU_EPILOGUE", "1") != "0"
 
 
 @fusable(tokens={0: (2, 3, 4)}, single_pass_rows=False)  # T, H, W vary with the request and the decoder stage

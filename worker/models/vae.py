@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
 
 from worker.config import MASK_CHANNELS, VAE_STRIDE, VAE_Z_DIM, pixel_frames_for_chunk
+from worker.models.fused import wan_rms_norm
 
 # Latent channels of the DiT's condition y: 4 mask channels then the 16-channel image latent.
 CONDITION_CHANNELS = MASK_CHANNELS + VAE_Z_DIM
@@ -221,17 +223,13 @@ class StreamingVAE:
 
 def _fuse_rms_norms(vae: AutoencoderKLWan) -> None:
     """Route every channel-first WanRMS_norm through one fused kernel (worker.models.fused.wan_rms_norm)."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
-
-    from worker.models.fused import wan_rms_norm
-
     for m in vae.modules():
         if isinstance(m, WanRMS_norm) and m.channel_first:
-            m.forward = functools.partial(_fused_rms_forward, m, wan_rms_norm)
+            m.forward = functools.partial(_fused_rms_forward, m)
 
 
-def _fused_rms_forward(m, fused, x: torch.Tensor) -> torch.Tensor:
-    return fused(x, m.gamma, m.scale, m.bias)
+def _fused_rms_forward(m: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
+    return wan_rms_norm(x, m.gamma, m.scale, m.bias)
 
 
 def _snapshot(feat_map: list) -> list:
@@ -239,17 +237,13 @@ def _snapshot(feat_map: list) -> list:
 
 
 def _same_state(a: list, b: list) -> bool:
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return False
-        if isinstance(x, torch.Tensor):
-            if not torch.equal(x, y):
-                return False
-        elif x != y:
-            return False
-    return True
+    """Entries are tensors, None or diffusers' "Rep" marker: equal when every one is (bit for bit for tensors)."""
+    def same(x, y) -> bool:
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            return torch.equal(x, y)
+        return not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and x == y
+
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
 
 
 __all__ = ["StreamingVAE", "build_vae", "load_vae", "CONDITION_CHANNELS"]
