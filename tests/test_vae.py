@@ -160,3 +160,37 @@ def test_fused_rms_norm_math_is_diffusers_rms_norm(dtype: torch.dtype, images: b
         m.gamma.copy_(torch.randn(m.gamma.shape, generator=g))
     x = torch.randn((3, 24, 5, 7) if images else (1, 24, 3, 5, 7), generator=g).to(dtype)
     assert torch.equal(wan_rms_norm(x, m.gamma, m.scale, m.bias), m(x))
+
+
+def test_patched_decoder_equals_diffusers(monkeypatch) -> None:
+    """The CUDA patches (norm+SiLU in one kernel, spatial padding inside the conv), run eagerly, leave the streamed
+    decode and encode bit for bit equal to diffusers' own modules, and no conv materialises a padded copy."""
+    from worker.models import vae as vae_mod
+
+    plain = StreamingVAE(build_vae(PRESETS["tiny"].vae, torch.float32, "cpu", seed=0))
+    patched_model = build_vae(PRESETS["tiny"].vae, torch.float32, "cpu", seed=0)
+    vae_mod._fuse_rms_norms(patched_model)
+    vae_mod._pad_inside_convs(patched_model)
+    patched = StreamingVAE(patched_model)
+    assert not any(isinstance(m, torch.nn.SiLU) for m in patched_model.decoder.modules())
+
+    z = torch.randn(VAE_Z_DIM, 3 * NUM_CHUNKS, 8, 8, generator=torch.Generator().manual_seed(3))
+    pads = []
+    real_pad = torch.nn.functional.pad
+    for s in (plain, patched):
+        s.start_decode()
+    for k in range(NUM_CHUNKS):
+        part = z[:, 3 * k : 3 * k + 3]
+        ref = plain.decode_chunk(part)
+        monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **kw: pads.append(1) or real_pad(*a, **kw))
+        out = patched.decode_chunk(part)
+        monkeypatch.setattr(torch.nn.functional, "pad", real_pad)
+        assert torch.equal(out, ref), k
+        if k > 0:  # every causal conv has cached frames after the first chunk: nothing left to pad in time
+            assert not pads, f"chunk {k}: {len(pads)} F.pad calls"
+        pads.clear()
+    img = _image(5)
+    for s in (plain, patched):
+        s.start_condition(img)
+    for k in range(2):
+        assert torch.equal(patched.next_condition_chunk(), plain.next_condition_chunk()), k

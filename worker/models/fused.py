@@ -175,12 +175,13 @@ def linear_gelu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.gelu(linear(x), approximate="tanh")
 
 
-
 @fusable(tokens={0: (2, 3, 4)}, single_pass_rows=False)  # T, H, W vary with the request and the decoder stage
-def wan_rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias) -> torch.Tensor:
+def wan_rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias, silu: bool = False) -> torch.Tensor:
     """The Wan VAE's channel RMSNorm (diffusers' WanRMS_norm: F.normalize over channels in fp32, then
-    * sqrt(C) * gamma + bias) in one pass. Eagerly it is six passes over a [1, C, T, H, W] tensor, several of them
-    broadcasting kernels that do not vectorise on channels-last activations: most of the decoder's non-conv time."""
+    * sqrt(C) * gamma + bias), and with silu the SiLU that follows it in every residual block, in one pass.
+    Eagerly it is six passes over a [1, C, T, H, W] tensor, several of them broadcasting kernels that do not
+    vectorise on channels-last activations: most of the decoder's non-conv time."""
     xf = x.float()
     n = (xf / xf.norm(2, 1, keepdim=True).clamp_min(1e-12)).to(x.dtype)
-    return n * scale * gamma + bias
+    y = n * scale * gamma + bias
+    return F.silu(y) if silu else y

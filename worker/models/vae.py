@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanDecoder3d, WanRMS_norm, WanResidualBlock
 
 from worker.config import MASK_CHANNELS, VAE_STRIDE, VAE_Z_DIM, pixel_frames_for_chunk
 from worker.models.fused import wan_rms_norm
@@ -66,6 +67,8 @@ class StreamingVAE:
                     m.weight.data = m.weight.data.to(memory_format=torch.channels_last_3d)
             if os.environ.get("LINGBOT_VAE_FUSED_NORM", "1") != "0":
                 _fuse_rms_norms(vae)
+            if os.environ.get("LINGBOT_VAE_CONV_PAD", "1") != "0":
+                _pad_inside_convs(vae)
         z = vae.config.z_dim
         if z != VAE_Z_DIM:
             raise ValueError(f"VAE z_dim {z} != {VAE_Z_DIM} (the DiT's latent space)")
@@ -222,14 +225,45 @@ class StreamingVAE:
 
 
 def _fuse_rms_norms(vae: AutoencoderKLWan) -> None:
-    """Route every channel-first WanRMS_norm through one fused kernel (worker.models.fused.wan_rms_norm)."""
+    """Route every channel-first WanRMS_norm through one fused kernel (worker.models.fused.wan_rms_norm).
+
+    In the residual blocks and the decoder's head the norm is always followed by the module's SiLU, so there the
+    SiLU moves into the norm's kernel and the module's own becomes the identity: one pass over the activation
+    instead of two."""
     for m in vae.modules():
-        if isinstance(m, WanRMS_norm) and m.channel_first:
-            m.forward = functools.partial(_fused_rms_forward, m)
+        if isinstance(m, (WanResidualBlock, WanDecoder3d)) and isinstance(m.nonlinearity, torch.nn.SiLU):
+            norms = (m.norm1, m.norm2) if isinstance(m, WanResidualBlock) else (m.norm_out,)
+            for norm in norms:
+                norm.forward = functools.partial(_fused_rms_forward, norm, True)
+            m.nonlinearity = torch.nn.Identity()
+    for m in vae.modules():
+        if isinstance(m, WanRMS_norm) and m.channel_first and not isinstance(m.forward, functools.partial):
+            m.forward = functools.partial(_fused_rms_forward, m, False)
 
 
-def _fused_rms_forward(m: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
-    return wan_rms_norm(x, m.gamma, m.scale, m.bias)
+def _fused_rms_forward(m: WanRMS_norm, silu: bool, x: torch.Tensor) -> torch.Tensor:
+    return wan_rms_norm(x, m.gamma, m.scale, m.bias, silu)
+
+
+def _pad_inside_convs(vae: AutoencoderKLWan) -> None:
+    """Let cuDNN zero-pad H and W inside every causal conv instead of materialising a padded copy with F.pad.
+
+    diffusers' WanCausalConv3d concatenates the cached frames in front (time) and then F.pads all three axes,
+    which writes a full copy of every conv's input; only the time axis needs the concatenation. Same zeros,
+    same products: only the order cuDNN sums them in may differ."""
+    for m in vae.modules():
+        if isinstance(m, WanCausalConv3d):
+            m.forward = functools.partial(_causal_conv3d, m)
+
+
+def _causal_conv3d(m: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+    pw, _, ph, _, pt, _ = m._padding  # (w, w, h, h, 2 * t_pad, 0): causal in time, symmetric in space
+    if cache_x is not None and pt > 0:
+        x = torch.cat([cache_x.to(x.device), x], dim=2)
+        pt -= cache_x.shape[2]
+    if pt > 0:
+        x = F.pad(x, (0, 0, 0, 0, pt, 0))
+    return F.conv3d(x, m.weight, m.bias, m.stride, (0, ph, pw), m.dilation, m.groups)
 
 
 def _snapshot(feat_map: list) -> list:
