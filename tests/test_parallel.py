@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from worker.engine import Engine
 from worker.parallel.pool import RankFailure, RankPool
-from worker.parallel.sp import SequenceParallel
+from worker.parallel.sp import SequenceParallel, leader_share_for
 from worker.rollout import RolloutJob
 
 pytestmark = pytest.mark.slow
@@ -31,8 +31,9 @@ def _latents(gen, job) -> torch.Tensor:
     return torch.cat([c.latents for c in gen.rollout(job)], dim=1)
 
 
-def test_all_to_all_round_trip_and_padding():
-    """Ulysses exchange on 2 gloo ranks: seq->heads->seq is the identity, padding included (5 tokens / 2)."""
+def test_all_to_all_round_trip_even_and_uneven_splits():
+    """Ulysses exchange on 2 gloo ranks: seq->heads->seq is the identity, for an odd token count (5 / 2), and for a
+    leader that takes less (30%) of 7 tokens and 5 heads, with k/v stacked in front of the token axis."""
     ctx = mp.get_context("spawn")
     port = _port()
     procs = [ctx.Process(target=_a2a_worker, args=(r, port)) for r in range(2)]
@@ -41,6 +42,23 @@ def test_all_to_all_round_trip_and_padding():
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
+
+
+def test_split_gives_the_leader_its_share_and_everyone_something():
+    even = SequenceParallel(0, 2)
+    assert even.split(4680) == [2340, 2340] and even.split(5) == [2, 3]
+    share = leader_share_for(2, 0.08)
+    assert share == pytest.approx(0.46)
+    sp = SequenceParallel(0, 2, leader_share=share)
+    assert sp.split(4680) == [2153, 2527] and sp.split(40) == [18, 22]
+    assert SequenceParallel(1, 2, leader_share=share).head_slice(40) == slice(18, 40)
+    # a decode so costly that the leader would get nothing still leaves it one head and one token
+    many = SequenceParallel(0, 8, leader_share=leader_share_for(8, 0.5))
+    assert many.split(40)[0] == 1 and sum(many.split(40)) == 40 and min(many.split(40)) >= 1
+    with pytest.raises(ValueError, match="decode cost"):
+        leader_share_for(2, 1.5)
+    with pytest.raises(ValueError, match="over 8 ranks"):
+        many.split(5)
 
 
 def _port() -> int:
@@ -53,23 +71,27 @@ def _port() -> int:
 
 def _a2a_worker(rank: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    sp = SequenceParallel(rank, 2)
-    full = torch.arange(5 * 4 * 3, dtype=torch.float32).reshape(1, 5, 4, 3)  # [B, S=5, H=4, D=3]
-    shard = sp.shard(full)
-    heads = sp.seq_to_heads(shard, true_len=5)
-    assert torch.equal(heads, full[:, :, sp.head_slice(4)])  # all tokens, this rank's heads
-    back = sp.heads_to_seq(heads)
-    assert torch.equal(back, shard)
-    assert torch.equal(sp.gather(shard, 5), full)
+    for sp, (s, h) in ((SequenceParallel(rank, 2), (5, 4)), (SequenceParallel(rank, 2, leader_share=0.3), (7, 5))):
+        full = torch.arange(2 * s * h * 3, dtype=torch.float32).reshape(2, 1, s, h, 3)  # [k/v, B, S, H, D]
+        shard = sp.shard(full, dim=2)
+        assert shard.shape[2] == sp.local(s)
+        heads = sp.seq_to_heads(shard, true_len=s)
+        assert torch.equal(heads, full[:, :, :, sp.head_slice(h)])  # all tokens, this rank's heads
+        q = sp.seq_to_heads(shard[0], true_len=s)  # batch of one: received in place, no reassembly
+        assert torch.equal(q, full[0, :, :, sp.head_slice(h)])
+        assert torch.equal(sp.heads_to_seq(q, h), shard[0])
+        assert torch.equal(sp.gather(shard[0], s), full[0])
     dist.destroy_process_group()
 
 
-def test_two_ranks_match_one_rank():
+@pytest.mark.parametrize("decode_cost", [0.0, 0.5])  # even split; leader with 1 of 4 heads and 9 of 36 tokens
+def test_two_ranks_match_one_rank(decode_cost: float):
     torch.manual_seed(0)
     job = _job()
     one = Engine.load("tiny", device="cpu", dtype=torch.float32)
     ref = _latents(one, job)
-    pool = RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60)
+    pool = RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60, decode_cost=decode_cost)
+    assert pool.engine.sp.local(4) == (2 if decode_cost == 0 else 1)
     try:
         got = _latents(pool, job)
         # fp32 on both sides: the token split changes only GEMM blocking and the attention summation order.

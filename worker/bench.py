@@ -24,15 +24,19 @@ from worker.rollout import RolloutJob
 from worker.schedule import dmd_schedule
 
 
+def chunk_tokens(cfg: DiTConfig, lat_h: int, lat_w: int) -> int:
+    pt, ph, pw = cfg.patch_size
+    return CHUNK_LATENT_FRAMES // pt * (lat_h // ph) * (lat_w // pw)
+
+
 def dit_chunk_flops(cfg: DiTConfig, lat_h: int, lat_w: int, kv_frames: int) -> dict[str, float]:
     """Matmul FLOPs of one chunk: 4 denoising forwards + 1 cache refresh, camera adapters once.
 
     kv_frames: latent frames the chunk's queries attend to (its own 3 included).
     """
-    pt, ph, pw = cfg.patch_size
-    frame_tokens = (lat_h // ph) * (lat_w // pw)
-    n = CHUNK_LATENT_FRAMES // pt * frame_tokens
-    nk = kv_frames * frame_tokens
+    _, ph, pw = cfg.patch_size
+    n = chunk_tokens(cfg, lat_h, lat_w)
+    nk = kv_frames * (lat_h // ph) * (lat_w // pw)
     d, f, layers = cfg.dim, cfg.ffn_dim, cfg.num_layers
     linear = 2 * n * d * d * 6 + 2 * n * d * f * 2  # self q,k,v,o + cross q,o; FFN up/down
     attn = 4 * n * nk * d + 4 * n * cfg.text_len * d  # QK^T + PV for self and cross attention
@@ -158,6 +162,9 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
         "total_s": total_s, "matmul_peak_tflops": peak_tflops, "mfu": mfu,
         "peak_memory_gib": [round(m / 2**30, 2) for m in peak_mem], "rows": rows,
         "torch": torch.__version__, "fp8": os.environ.get("LINGBOT_FP8") == "1",
+        # per-rank tokens of a chunk and heads (worker/parallel/sp.py: the leader takes less while it decodes)
+        "sp_split": {"tokens": engine.sp.split(chunk_tokens(cfg, height // VAE_STRIDE[1], width // VAE_STRIDE[2])),
+                     "heads": engine.sp.split(cfg.num_heads)},
     }
 
 
@@ -179,6 +186,8 @@ def print_table(res: dict) -> None:
               f"DiT median {mc['dit_ms']:.1f} ms")
     print(f"first chunk {res['first_chunk_s']:.3f} s; MFU {100 * res['mfu']:.1f}% of "
           f"{res['matmul_peak_tflops']:.0f} TFLOP/s x {res['ranks']}; peak memory GiB per rank {res['peak_memory_gib']}")
+    if res["ranks"] > 1:
+        print(f"split per rank: tokens {res['sp_split']['tokens']}, heads {res['sp_split']['heads']}")
 
 
 def cmd_bench(a) -> int:
@@ -188,6 +197,8 @@ def cmd_bench(a) -> int:
     model = a.model or "lingbot-world-fast"
     if a.fp8:
         os.environ["LINGBOT_FP8"] = "1"  # read by Engine.load on every rank (spawned ranks inherit it)
+    if a.decode_cost is not None or a.no_decode:  # read by RankPool.start; without a decode the split is even
+        os.environ["LINGBOT_SP_DECODE_COST"] = str(0.0 if a.no_decode else a.decode_cost)
     gen = load_generator(model, a.device, a.ranks, text_encoder=False)
     try:
         res = run_bench(gen, width=width, height=height, chunks=a.chunks, window=a.kv_window, sink=a.kv_sink,

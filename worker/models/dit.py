@@ -15,7 +15,7 @@ loads with strict=True. The forward follows reference/fast_rollout.md section 5:
 The residual stream stays in fp32 and the matmuls run in the weights' dtype (bf16), as under the official
 autocast. Work that does not change inside a chunk (RoPE tables, camera modulation, cache slots) is built
 once by `prepare_chunk`; work that does not change inside a job (text K/V, time embeddings) once per job.
-With sequence parallelism every rank runs the blocks on 1/N of the tokens (see worker/parallel/sp.py).
+With sequence parallelism every rank runs the blocks on its share of the tokens (see worker/parallel/sp.py).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class SelfAttention(Attention):
         if cache_only:
             return None
         out = attention(q, k, v, ctx.attn_mask)
-        return self.o(sp.heads_to_seq(out).flatten(2))
+        return self.o(sp.heads_to_seq(out, self.num_heads).flatten(2))
 
 
 class CrossAttention(Attention):

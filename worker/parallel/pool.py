@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from worker.config import DEFAULT_KV_SINK, DEFAULT_KV_WINDOW, DEFAULT_SIZE
 from worker.engine import Engine, default_device
-from worker.parallel.sp import SequenceParallel
+from worker.parallel.sp import DEFAULT_DECODE_COST, SequenceParallel, leader_share_for
 from worker.rollout import ChunkOutput, RolloutJob
 
 log = logging.getLogger("worker.pool")
@@ -60,14 +60,14 @@ def _init_group(rank: int, world: int, port: int, device: str, timeout_s: float)
 
 
 def _follower_main(rank: int, world: int, port: int, model: str | None, device: str, dtype: torch.dtype | None,
-                   timeout_s: float, text_encoder: bool, conn) -> None:
+                   timeout_s: float, text_encoder: bool, leader_share: float, conn) -> None:
     os.environ.update(MULTICAST_OFF)
     if not device.startswith("cuda"):
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     try:
         _init_group(rank, world, port, device, timeout_s)
         dev = f"cuda:{rank}" if device.startswith("cuda") else device
-        engine = Engine.load(model, device=dev, dtype=dtype, sp=SequenceParallel(rank, world),
+        engine = Engine.load(model, device=dev, dtype=dtype, sp=SequenceParallel(rank, world, leader_share=leader_share),
                              text_encoder=text_encoder)
         conn.send(("ready", None))
     except BaseException as exc:  # noqa: BLE001 - report, then die
@@ -117,11 +117,22 @@ class RankPool:
         dtype: torch.dtype | None = None,
         text_encoder: bool = True,
         timeout_s: float | None = None,
+        decode_cost: float | None = None,
     ) -> "RankPool":
-        """Spawn ranks 1..N-1, load the model on every rank, return when all are ready."""
+        """Spawn ranks 1..N-1, load the model on every rank, return when all are ready.
+
+        decode_cost: the leader's frame decode as a fraction of one GPU's DiT time per chunk (default
+        $LINGBOT_SP_DECODE_COST, else sp.DEFAULT_DECODE_COST); the leader gets that much less of the DiT."""
         timeout_s = timeout_s or float(os.environ.get("LINGBOT_RANK_TIMEOUT_S", "300"))
         if ranks < 1:
             raise ValueError(f"ranks: {ranks} must be >= 1")
+        if decode_cost is None:
+            raw = os.environ.get("LINGBOT_SP_DECODE_COST", str(DEFAULT_DECODE_COST))
+            try:
+                decode_cost = float(raw)
+            except ValueError:
+                raise ValueError(f"LINGBOT_SP_DECODE_COST: {raw!r} is not a number in [0, 1)") from None
+        share = leader_share_for(ranks, decode_cost)
         os.environ.update(MULTICAST_OFF)  # inherited by the spawned ranks
         if device.startswith("cuda") and torch.cuda.device_count() < ranks:
             raise ValueError(f"ranks: {ranks} GPUs asked for, {torch.cuda.device_count()} visible")
@@ -131,17 +142,17 @@ class RankPool:
         for rank in range(1, ranks):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_follower_main, name=f"lingbot-rank{rank}", daemon=True,
-                            args=(rank, ranks, port, model, device, dtype, timeout_s, text_encoder, child))
+                            args=(rank, ranks, port, model, device, dtype, timeout_s, text_encoder, share, child))
             p.start()
             procs.append(p)
             conns.append(parent)
         try:
             _init_group(0, ranks, port, device, timeout_s)
             dev = "cuda:0" if device.startswith("cuda") else device
-            engine = Engine.load(model, device=dev, dtype=dtype, sp=SequenceParallel(0, ranks),
+            engine = Engine.load(model, device=dev, dtype=dtype, sp=SequenceParallel(0, ranks, leader_share=share),
                                  text_encoder=text_encoder)
-            if engine.dit.cfg.num_heads % ranks:
-                raise ValueError(f"ranks: {ranks} must divide the {engine.dit.cfg.num_heads} attention heads")
+            if engine.dit.cfg.num_heads < ranks:
+                raise ValueError(f"ranks: {ranks} is more than the {engine.dit.cfg.num_heads} attention heads")
             for rank, conn in enumerate(conns, start=1):
                 kind, detail = _recv(conn, procs[rank - 1], timeout_s)
                 if kind != "ready":
@@ -150,7 +161,9 @@ class RankPool:
             for p in procs:
                 p.kill()
             raise
-        log.info("rank pool ready: %d ranks on %s", ranks, device)
+        heads = engine.dit.cfg.num_heads
+        log.info("rank pool ready: %d ranks on %s; rank 0 takes %.1f%% of the tokens and %d of %d heads", ranks,
+                 device, 100 * share if ranks > 1 else 100.0, engine.sp.local(heads), heads)
         return cls(engine, procs, conns, timeout_s)
 
     # --- health ---------------------------------------------------------------------------------------------

@@ -1,18 +1,39 @@
 """Ulysses sequence parallelism: the collectives the DiT needs, and nothing else.
 
-Every linear layer runs on a 1/N slice of the chunk's tokens. Self-attention needs all tokens, so q/k/v go
-through one all-to-all from "tokens split, all heads" to "all tokens, heads split", and the attention output
-comes back the same way. Each rank therefore caches K/V only for its own heads. With N == 1 every method is
-the identity, so the single-GPU path pays nothing.
+Every linear layer runs on a slice of the chunk's tokens. Self-attention needs all tokens, so q/k/v go through
+one all-to-all from "tokens split, all heads" to "all tokens, heads split", and the attention output comes back
+the same way. Each rank therefore caches K/V only for its own heads. With one rank every method is the identity,
+so the single-GPU path pays nothing.
+
+The split need not be even. Rank 0 (the leader) also decodes the frames, on a second stream of the same GPU,
+and every other rank waits for it inside the next all-to-all; giving the leader a smaller share of the tokens
+and heads (`leader_share`) evens out the work per rank. Tokens and heads split the same way, so a rank's share
+of the GEMMs (tokens) and of attention (heads) match.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# The leader's frame decode as a fraction of one GPU's DiT time per chunk: 178 ms of decode against ~2.1 s of
+# DiT on one H100 at 832x480 (docs/PERFORMANCE.md, 2026-11-22). 0 splits evenly.
+DEFAULT_DECODE_COST = 0.08
+
+
+def leader_share_for(world: int, decode_cost: float) -> float:
+    """The leader's fraction of the DiT work that leaves every rank equally busy.
+
+    With one GPU's DiT time T per chunk and decode time d*T on the leader: f*T + d*T = (1 - f)*T / (world - 1),
+    so f = (1 - d*(world - 1)) / world (never below 0: the split still gives every rank one head and one token).
+    """
+    if world < 1 or not 0 <= decode_cost < 1:
+        raise ValueError(f"decode cost {decode_cost} must be in [0, 1) and world {world} >= 1")
+    return max(0.0, (1 - decode_cost * (world - 1)) / world)
 
 
 @dataclass(frozen=True)
@@ -20,6 +41,7 @@ class SequenceParallel:
     rank: int = 0
     world: int = 1
     group: object | None = None  # a torch.distributed ProcessGroup; None = the default group
+    leader_share: float | None = None  # fraction of tokens and heads on rank 0; None = 1/world
 
     @property
     def enabled(self) -> bool:
@@ -29,35 +51,56 @@ class SequenceParallel:
     def is_leader(self) -> bool:
         return self.rank == 0
 
-    # --- token sharding -------------------------------------------------------------------------------
-    def padded_len(self, n: int) -> int:
-        return -(-n // self.world) * self.world
+    # --- how things are split -------------------------------------------------------------------------
+    def split(self, total: int) -> list[int]:
+        """Per-rank counts of `total` tokens or heads: the leader's share (rounded, at least 1), the rest as
+        evenly as integers allow. Every rank computes the same list."""
+        n = self.world
+        if n == 1:
+            return [total]
+        if total < n:
+            raise ValueError(f"cannot split {total} tokens or heads over {n} ranks")
+        share = 1 / n if self.leader_share is None else self.leader_share
+        lead = min(max(round(total * share), 1), total - (n - 1))
+        rest, extra = divmod(total - lead, n - 1)
+        return [lead] + [rest + (i < extra) for i in range(n - 1)]
 
+    def local(self, total: int) -> int:
+        """This rank's count of `total` (e.g. the heads its K/V cache holds)."""
+        return self.split(total)[self.rank]
+
+    def head_slice(self, num_heads: int) -> slice:
+        counts = self.split(num_heads)
+        start = sum(counts[: self.rank])
+        return slice(start, start + counts[self.rank])
+
+    # --- token sharding -------------------------------------------------------------------------------
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's slice of the token axis, zero-padded so every rank gets the same length."""
+        """This rank's slice of the token axis."""
         if not self.enabled:
             return x
-        n = x.shape[dim]
-        pad = self.padded_len(n) - n
-        if pad:
-            shape = list(x.shape)
-            shape[dim] = pad
-            x = torch.cat([x, x.new_zeros(shape)], dim=dim)
-        return x.chunk(self.world, dim=dim)[self.rank]
+        counts = self.split(x.shape[dim])
+        return x.narrow(dim, sum(counts[: self.rank]), counts[self.rank])
 
     def gather(self, x: torch.Tensor, true_len: int, dim: int = 1) -> torch.Tensor:
         """Inverse of shard: every rank gets the full token axis."""
         if not self.enabled:
             return x
+        counts = self.split(true_len)
+        longest = max(counts)
+        if x.shape[dim] < longest:  # all_gather wants equal sizes: pad, then cut each part back
+            shape = list(x.shape)
+            shape[dim] = longest - x.shape[dim]
+            x = torch.cat([x, x.new_zeros(shape)], dim=dim)
         parts = [torch.empty_like(x) for _ in range(self.world)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim).narrow(dim, 0, true_len)
+        return torch.cat([p.narrow(dim, 0, c) for p, c in zip(parts, counts)], dim=dim)
 
     # --- Ulysses all-to-all -----------------------------------------------------------------------------
     def seq_to_heads(self, x: torch.Tensor, true_len: int) -> torch.Tensor:
-        """[..., S/N, H, D] (all heads) -> [..., S, H/N, D] (this rank's heads), padding removed.
+        """[..., s, H, D] (this rank's tokens, all heads) -> [..., S, h, D] (all tokens, this rank's heads).
 
-        Leading dims are kept, so k and v stacked as [2, B, S/N, H, D] travel in one collective.
+        Leading dims are kept, so k and v stacked as [2, B, s, H, D] travel in one collective.
         """
         return self.seq_to_heads_async(x, true_len)()
 
@@ -67,43 +110,55 @@ class SequenceParallel:
         if not self.enabled:
             return lambda: x
         *lead, s, h, d = x.shape
-        n = self.world
-        # [n(dst), *lead, s, h/n, d]: the head groups become the exchange axis.
-        send = x.reshape(*lead, s, n, h // n, d).movedim(-3, 0).contiguous()
-        recv = torch.empty_like(send)
-        work = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
+        b = math.prod(lead)
+        tokens, heads = self.split(true_len), self.split(h)
+        mine = heads[self.rank]
+        # send: for each rank j in turn, our tokens with rank j's heads ([*lead, s, heads[j], d]), one copy.
+        send = x.new_empty(b * s * h * d)
+        sizes = [b * s * hj * d for hj in heads]
+        for part, hs in zip(send.split(sizes), _slices(heads)):
+            part.view(*lead, s, hs.stop - hs.start, d).copy_(x[..., hs, :])
+        recv = x.new_empty(b * true_len * mine * d)
+        recv_sizes = [b * tj * mine * d for tj in tokens]
+        work = dist.all_to_all_single(recv, send, recv_sizes, sizes, group=self.group, async_op=True)
 
         def finish() -> torch.Tensor:
             work.wait()
-            # recv[src] holds the src rank's tokens for our heads: concatenate along the token axis.
-            out = recv.movedim(0, -4).reshape(*lead, n * s, h // n, d)
-            return out.narrow(-3, 0, true_len)
+            if b == 1:  # rank j's block holds tokens j in order: the buffer already is [S, h, d]
+                return recv.view(*lead, true_len, mine, d)
+            parts = [p.view(*lead, tj, mine, d) for p, tj in zip(recv.split(recv_sizes), tokens)]
+            return torch.cat(parts, dim=-3)
 
         return finish
 
-    def heads_to_seq(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., S, H/N, D] -> [..., S/N, H, D]; pads the token axis back to a multiple of N."""
+    def heads_to_seq(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """[..., S, h, D] (all tokens, this rank's heads) -> [..., s, H, D] (this rank's tokens, all heads)."""
         if not self.enabled:
             return x
-        *lead, s, hl, d = x.shape
-        n = self.world
-        sp = self.padded_len(s)
-        if sp != s:
-            x = torch.cat([x, x.new_zeros(*lead, sp - s, hl, d)], dim=-3)
-        send = x.reshape(*lead, n, sp // n, hl, d).movedim(-4, 0).contiguous()
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
-        # recv[src] = our tokens, src's heads: heads are ordered by rank.
-        return recv.movedim(0, -3).reshape(*lead, sp // n, n * hl, d)
+        *lead, total, mine, d = x.shape
+        b = math.prod(lead)
+        tokens, heads = self.split(total), self.split(num_heads)
+        s = tokens[self.rank]
+        # Token-major, so rank j's tokens are one contiguous block (a view when the batch is 1).
+        send = x.movedim(-3, 0).contiguous().view(-1)
+        recv = x.new_empty(s * b * num_heads * d)
+        recv_sizes = [s * b * hj * d for hj in heads]
+        dist.all_to_all_single(recv, send, recv_sizes, [tj * b * mine * d for tj in tokens], group=self.group)
+        out = x.new_empty(*lead, s, num_heads, d)
+        for part, hs in zip(recv.split(recv_sizes), _slices(heads)):
+            out[..., hs, :] = part.view(s, *lead, hs.stop - hs.start, d).movedim(0, -3)
+        return out
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.enabled:
             dist.broadcast(x, src=src, group=self.group)
         return x
 
-    def head_slice(self, num_heads: int) -> slice:
-        per = num_heads // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
+
+def _slices(counts: list[int]) -> list[slice]:
+    """[2, 3, 3] -> [0:2, 2:5, 5:8]."""
+    ends = [sum(counts[: i + 1]) for i in range(len(counts))]
+    return [slice(e - c, e) for e, c in zip(ends, counts)]
 
 
 SINGLE = SequenceParallel()
