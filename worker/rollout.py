@@ -77,6 +77,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
+def _priorities() -> tuple[int, int, int]:
+    """(first chunk's decode, DiT, later decodes) as CUDA stream priorities, lower number = served first.
+
+    The DiT is the critical path, so the decoder's kernels normally only fill the SMs it leaves idle. The first
+    chunk's frames are the job's time to first output, so they go ahead of the DiT of chunk 1: the GPU work is
+    the same either way, but the wait lands on chunk 1 instead of on the first frames."""
+    least, greatest = torch.cuda.Stream.priority_range()
+    dit = greatest + 1 if greatest + 1 < least else greatest
+    return greatest, dit, least
+
+
 def _stream(device: torch.device, priority: int):
     """A CUDA stream context for a pipeline thread (nothing on the CPU). Lower number = higher priority."""
     if device.type != "cuda":
@@ -225,9 +236,7 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
         try:
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
-            # The DiT is the critical path: its stream gets the highest priority, so the decoder's kernels
-            # (default priority) fill the SMs the DiT leaves idle instead of slowing it down.
-            with torch.inference_mode(), _stream(dev, -100):
+            with torch.inference_mode(), _stream(dev, _priorities()[1] if dev.type == "cuda" else 0):
                 for c, x0, dit_stats in _denoise_chunks(engine, job, stop):
                     if not put(to_decode, (c, x0, dit_stats), until=stop):
                         break
@@ -242,7 +251,8 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                 torch.cuda.set_device(dev)
             decoder = engine.decoder()
             frame_start = 0
-            with torch.inference_mode(), _stream(dev, 0):
+            first, _, later = _priorities() if dev.type == "cuda" else (0, 0, 0)
+            with torch.inference_mode(), _stream(dev, later):
                 while True:
                     try:
                         item = to_decode.get(timeout=0.1)
@@ -260,8 +270,9 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                     n_frames = pixel_frames_for_chunk(c)
                     video = None
                     if job.decode:
-                        video = decoder.decode_chunk(x0[0])
-                        _sync(dev)
+                        with _stream(dev, first) if c == 0 else contextlib.nullcontext():
+                            video = decoder.decode_chunk(x0[0])
+                            _sync(dev)
                         assert video.shape[1] == n_frames, (video.shape, n_frames)
                     stats = {**dit_stats, "decode_ms": (time.perf_counter() - t1) * 1e3}
                     if not put(out, ChunkOutput(c, frame_start, video, x0[0], stats), until=cancelled):
