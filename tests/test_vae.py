@@ -162,35 +162,96 @@ def test_fused_rms_norm_math_is_diffusers_rms_norm(dtype: torch.dtype, images: b
     assert torch.equal(wan_rms_norm(x, m.gamma, m.scale, m.bias), m(x))
 
 
-def test_patched_decoder_equals_diffusers(monkeypatch) -> None:
-    """The CUDA patches (norm+SiLU in one kernel, spatial padding inside the conv), run eagerly, leave the streamed
-    decode and encode bit for bit equal to diffusers' own modules, and no conv materialises a padded copy."""
-    from worker.models import vae as vae_mod
+def _plain_and_patched(dtype: torch.dtype, *patches) -> tuple[StreamingVAE, StreamingVAE]:
+    """The tiny VAE twice from the same seed: as diffusers builds it, and with `patches` (vae.py's CUDA patches)
+    applied in the order StreamingVAE applies them on CUDA."""
+    plain = StreamingVAE(build_vae(PRESETS["tiny"].vae, dtype, "cpu", seed=0))
+    patched_model = build_vae(PRESETS["tiny"].vae, dtype, "cpu", seed=0)
+    for patch in patches:
+        patch(patched_model)
+    return plain, StreamingVAE(patched_model)
 
-    plain = StreamingVAE(build_vae(PRESETS["tiny"].vae, torch.float32, "cpu", seed=0))
-    patched_model = build_vae(PRESETS["tiny"].vae, torch.float32, "cpu", seed=0)
-    vae_mod._fuse_rms_norms(patched_model)
-    vae_mod._pad_inside_convs(patched_model)
-    patched = StreamingVAE(patched_model)
-    assert not any(isinstance(m, torch.nn.SiLU) for m in patched_model.decoder.modules())
 
+def _assert_streamed_decode_equal(plain: StreamingVAE, patched: StreamingVAE, check_patched_chunk) -> None:
+    """Streamed decode over NUM_CHUNKS chunks, torch.equal chunk by chunk; check_patched_chunk(k, decode) runs each
+    of the patched model's chunks (so that it can watch them)."""
     z = torch.randn(VAE_Z_DIM, 3 * NUM_CHUNKS, 8, 8, generator=torch.Generator().manual_seed(3))
-    pads = []
-    real_pad = torch.nn.functional.pad
     for s in (plain, patched):
         s.start_decode()
     for k in range(NUM_CHUNKS):
         part = z[:, 3 * k : 3 * k + 3]
         ref = plain.decode_chunk(part)
-        monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **kw: pads.append(1) or real_pad(*a, **kw))
-        out = patched.decode_chunk(part)
-        monkeypatch.setattr(torch.nn.functional, "pad", real_pad)
+        out = check_patched_chunk(k, lambda: patched.decode_chunk(part))
         assert torch.equal(out, ref), k
-        if k > 0:  # every causal conv has cached frames after the first chunk: nothing left to pad in time
-            assert not pads, f"chunk {k}: {len(pads)} F.pad calls"
-        pads.clear()
+
+
+def _assert_streamed_condition_equal(plain: StreamingVAE, patched: StreamingVAE) -> None:
     img = _image(5)
     for s in (plain, patched):
         s.start_condition(img)
     for k in range(2):
         assert torch.equal(patched.next_condition_chunk(), plain.next_condition_chunk()), k
+
+
+def test_patched_decoder_equals_diffusers(monkeypatch) -> None:
+    """The CUDA patches (norm+SiLU in one kernel, spatial padding inside the conv), run eagerly, leave the streamed
+    decode and encode bit for bit equal to diffusers' own modules, and no conv materialises a padded copy."""
+    from worker.models import vae as vae_mod
+
+    plain, patched = _plain_and_patched(torch.float32, vae_mod._fuse_rms_norms, vae_mod._pad_inside_convs)
+    assert not any(isinstance(m, torch.nn.SiLU) for m in patched.vae.decoder.modules())
+
+    real_pad = torch.nn.functional.pad
+
+    def counting_pads(k: int, decode):
+        pads = []
+        monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **kw: pads.append(1) or real_pad(*a, **kw))
+        out = decode()
+        monkeypatch.setattr(torch.nn.functional, "pad", real_pad)
+        if k > 0:  # every causal conv has cached frames after the first chunk: nothing left to pad in time
+            assert not pads, f"chunk {k}: {len(pads)} F.pad calls"
+        return out
+
+    _assert_streamed_decode_equal(plain, patched, counting_pads)
+    _assert_streamed_condition_equal(plain, patched)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_blocks_with_conv_bias_folded_equal_diffusers(monkeypatch, dtype: torch.dtype) -> None:
+    """All the CUDA patches, with the residual blocks' convs run without bias and their biases added inside the
+    kernels that follow, leave the streamed decode and encode bit for bit equal to diffusers' modules.
+
+    Both models' conv3d add the bias the way PyTorch does on CUDA (cudnn_convolution without bias, then
+    `output.add_(bias)`), the only path these patches run on: the CPU kernels start their sums from the bias
+    (slow_conv3d's GEMM accumulates into a bias-filled output, oneDNN likewise), so on CPU no bias-free conv
+    plus an add reproduces them bit for bit."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualBlock
+
+    from worker.models import vae as vae_mod
+
+    real_conv3d = torch.nn.functional.conv3d
+    with_bias: list[bool] = []  # per conv3d call: did the caller hand the conv its bias?
+
+    def conv3d_cuda_bias_order(x, weight, bias=None, *args, **kwargs):
+        with_bias.append(bias is not None)
+        out = real_conv3d(x, weight, None, *args, **kwargs)
+        return out if bias is None else out.add_(bias.view(-1, 1, 1, 1))
+
+    monkeypatch.setattr(torch.nn.functional, "conv3d", conv3d_cuda_bias_order)
+    plain, patched = _plain_and_patched(
+        dtype, vae_mod._fuse_residual_blocks, vae_mod._fuse_rms_norms, vae_mod._pad_inside_convs
+    )
+    blocks = [m for m in patched.vae.decoder.modules() if isinstance(m, WanResidualBlock)]
+    assert any(not isinstance(m.conv_shortcut, torch.nn.Identity) for m in blocks)  # both shortcut kinds covered
+
+    def counting_convs(k: int, decode):
+        with_bias.clear()
+        out = decode()
+        # exactly the two 3x3x3 convs of every residual block, for each of the chunk's 3 latent frames, ran
+        # without bias; every other conv (conv_in/out, time convs, 1x1x1 shortcuts) still adds its own
+        assert with_bias.count(False) == 2 * len(blocks) * 3, (k, with_bias.count(False))
+        assert with_bias.count(True) > 0
+        return out
+
+    _assert_streamed_decode_equal(plain, patched, counting_convs)
+    _assert_streamed_condition_equal(plain, patched)

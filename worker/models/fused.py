@@ -185,3 +185,24 @@ def wan_rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias, silu:
     n = (xf / xf.norm(2, 1, keepdim=True).clamp_min(1e-12)).to(x.dtype)
     y = n * scale * gamma + bias
     return F.silu(y) if silu else y
+
+
+# The Wan VAE's residual blocks run their two 3x3x3 convs without bias (worker.models.vae._fuse_residual_blocks):
+# PyTorch's cuDNN path adds a conv's bias as a separate in-place pass over the whole output (cudnn_convolution, then
+# output.add_(bias)), which these two kernels absorb. Same order of operations as that path: (conv + bias) first.
+def _channel_bias(bias: torch.Tensor) -> torch.Tensor:
+    """A conv's [C] bias shaped to broadcast over dim 1 of [B, C, T, H, W], whatever the memory format."""
+    return bias.view(-1, 1, 1, 1)
+
+
+@fusable(tokens={0: (2, 3, 4)}, single_pass_rows=False)
+def conv_bias_rms_norm(x: torch.Tensor, conv_bias: torch.Tensor, gamma: torch.Tensor, scale: float, bias,
+                       silu: bool = False) -> torch.Tensor:
+    """wan_rms_norm(x + conv_bias): the previous conv's bias add inside the norm(+SiLU) kernel."""
+    return wan_rms_norm.eager(x + _channel_bias(conv_bias), gamma, scale, bias, silu)
+
+
+@fusable(tokens={0: (2, 3, 4), 2: (2, 3, 4)}, single_pass_rows=False)
+def conv_bias_residual(x: torch.Tensor, conv_bias: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """(x + conv_bias) + shortcut, in that order: a residual block's last conv's bias add and its residual add."""
+    return x + _channel_bias(conv_bias) + shortcut
