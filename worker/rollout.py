@@ -71,6 +71,23 @@ class ChunkOutput:
     stats: dict[str, float] = field(default_factory=dict)  # dit_ms, decode_ms, condition_cached
 
 
+def _mark(device: torch.device):
+    """A point in time on this thread's stream: a CUDA event on a GPU (no host sync), wall time on the CPU."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _wait_ms(start, end) -> float:
+    """Wait until `end` (from _mark) has happened on the device; milliseconds from `start` to `end`."""
+    if isinstance(end, torch.cuda.Event):
+        end.synchronize()
+        return start.elapsed_time(end)
+    return (end - start) * 1e3
+
+
 def _sync(device: torch.device) -> None:
     """Wait for THIS thread's stream only: a device-wide sync would make the DiT wait for the decoder and back."""
     if device.type == "cuda":
@@ -122,11 +139,14 @@ def _agree_to_continue(engine, stopping: bool) -> bool:
 
 
 def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
-                    ) -> Iterator[tuple[int, torch.Tensor, dict[str, float]]]:
-    """The DiT side of the rollout, on every rank: yields (chunk index, clean x0 [1,16,3,h,w], stats).
+                    ) -> Iterator[tuple[int, torch.Tensor, dict[str, float], tuple]]:
+    """The DiT side of the rollout, on every rank: yields (chunk index, clean x0 [1,16,3,h,w], stats, marks).
 
-    stats: dit_ms, and on the leader condition_cached (1.0 when the image condition came from the encoder's fixed
-    point instead of an encode, see StreamingVAE.next_condition_chunk)."""
+    Nothing here waits for the GPU: x0 is yielded as soon as its work is queued, so the CPU prepares the next
+    chunk while the GPU still runs this one instead of the GPU idling at every chunk boundary. Whoever reads x0
+    first waits with _wait_ms(*marks), which also gives the chunk's DiT time (GPU time between the two marks).
+    stats: condition_cached on the leader (1.0 when the image condition came from the encoder's fixed point
+    instead of an encode, see StreamingVAE.next_condition_chunk)."""
     dit, sp, dev = engine.dit, engine.sp, engine.device
     leader = sp.is_leader
     sched = dmd_schedule()
@@ -163,7 +183,7 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                 finished = True  # every rank agreed to stop here
                 return
             at_boundary = False
-            t0 = time.perf_counter()
+            t0 = _mark(dev)
             y_shape = (1, MASK_CHANNELS + VAE_Z_DIM, CHUNK_LATENT_FRAMES, lat_h, lat_w)
             y = _share(engine, next(conditions) if leader else None, y_shape, torch.float32)
             cached = float(leader and engine.vae.condition_at_fixed_point)
@@ -180,10 +200,9 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                     x = (1 - s) * x0 + s * eps
             dit(x0, y, 0, text_kv, ctx, sp, cache_only=True, time_emb=time_emb[0])
             del ctx
-            _sync(dev)
             at_boundary = True
             last_done = c
-            yield c, x0, {"dit_ms": (time.perf_counter() - t0) * 1e3, "condition_cached": cached}
+            yield c, x0, {"condition_cached": cached}, (t0, _mark(dev))
         finished = True
     finally:
         if sp.enabled and not finished:
@@ -214,6 +233,7 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
         with torch.inference_mode():
             for _ in _denoise_chunks(engine, job):
                 pass
+        _sync(engine.device)  # the job ends when its GPU work does (and an asynchronous error surfaces here)
         return
 
     dev = engine.device
@@ -237,8 +257,8 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             with torch.inference_mode(), _stream(dev, _priorities()[1] if dev.type == "cuda" else 0):
-                for c, x0, dit_stats in _denoise_chunks(engine, job, stop):
-                    if not put(to_decode, (c, x0, dit_stats), until=stop):
+                for item in _denoise_chunks(engine, job, stop):
+                    if not put(to_decode, item, until=stop):
                         break
         except BaseException as exc:  # noqa: BLE001 - handed on behind the chunks already done, in order
             put(to_decode, exc, until=stop)
@@ -265,7 +285,8 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                     if isinstance(item, BaseException):  # the DiT failed: after the chunks before it
                         put(out, item, until=cancelled)
                         break
-                    c, x0, dit_stats = item
+                    c, x0, dit_stats, marks = item
+                    dit_stats["dit_ms"] = _wait_ms(*marks)  # x0 is ready once the DiT stream is past the mark
                     t1 = time.perf_counter()
                     n_frames = pixel_frames_for_chunk(c)
                     video = None

@@ -92,7 +92,16 @@ def rope_tables(cfg: DiTConfig, start_frame: int, grid: tuple[int, int, int], de
         ],
         dim=-1,
     ).reshape(f * h * w, -1)
-    return torch.cos(full).float().to(device), torch.sin(full).float().to(device)
+    return to_device(torch.cos(full).float(), device), to_device(torch.sin(full).float(), device)
+
+
+def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host tensor -> device without a host sync: a copy from pageable memory waits for the whole stream (the
+    GPU would drain at every chunk boundary); from pinned memory it is queued like a kernel."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
+    return t.to(device=device, dtype=dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -317,7 +326,7 @@ class LingBotDiT(nn.Module):
         cos, sin = rope_tables(self.cfg, start_frame, grid, self.device)
         if cache is not None:
             cache.begin_chunk(start_frame, grid[0])
-        p = self.patch_embedding_wancamctrl(sp.shard(self.camera_tokens(plucker.to(self.device, self.dtype))))
+        p = self.patch_embedding_wancamctrl(sp.shard(self.camera_tokens(to_device(plucker, self.device, self.dtype))))
         cam = p + self.c2ws_hidden_states_layer2(F.silu(self.c2ws_hidden_states_layer1(p)))
         scales, shifts = zip(*(blk.camera_modulation(cam) for blk in self.blocks)) if self.blocks else ((), ())
         return ChunkContext(grid, start_frame, n, cos, sin, list(scales), list(shifts), cache, attn_mask)
