@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from worker.config import DEFAULT_KV_SINK, DEFAULT_KV_WINDOW, DEFAULT_SIZE
+from worker.parallel.sp import DEFAULT_DECODE_COST
 
 EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "first_frame.jpg"
 
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-decode", action="store_true", help="DiT only: skip VAE decode and frame encoding")
     b.add_argument("--decode-cost", type=float, help="the leader's frame decode as a fraction of one GPU's DiT time: "
                    "how much less of the DiT rank 0 takes with 2+ ranks (0 = even; default $LINGBOT_SP_DECODE_COST, "
-                   "else 0.08)")
+                   f"else {DEFAULT_DECODE_COST})")
     b.add_argument("--save-latents", type=Path, help="write the rollout's latents (torch.save) for cross-run checks")
     b.add_argument("--json", type=Path, help="write the full results as JSON here")
     return ap

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# The leader's frame decode as a fraction of one GPU's DiT time per chunk: 178 ms of decode against ~2.1 s of
-# DiT on one H100 at 832x480 (docs/PERFORMANCE.md, 2026-11-22). 0 splits evenly.
-DEFAULT_DECODE_COST = 0.08
+# The leader's frame decode as a fraction of one GPU's DiT time per chunk. Its stand-alone time (146 ms against
+# ~2.1 s on an H200) would say 0.07, but the decoder's kernels partly fill the leader's idle gaps: measured on
+# 2 x H200 (docs/PERFORMANCE.md, v13), 0.04 beat both an even split and 0.08. 0 splits evenly.
+DEFAULT_DECODE_COST = 0.04
 
 
 def leader_share_for(world: int, decode_cost: float) -> float:
