@@ -33,6 +33,7 @@ from worker.models.kv_cache import KVCache
 from worker.schedule import dmd_schedule
 
 _GO, _STOP = 1, 0
+FIRST_FRAMES_FIRST = True  # False: chunk 1's DiT does not wait for chunk 0's decode to be queued (A/B switch)
 
 
 @dataclass
@@ -241,6 +242,12 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
     cancelled = threading.Event()  # the consumer is gone: nobody reads `out` any more
     to_decode: queue.Queue = queue.Queue(maxsize=2)
     out: queue.Queue = queue.Queue(maxsize=2)
+    # The first chunk's frames are the job's time to first output. The DiT of chunk 1 waits until the decoder has
+    # queued their kernels: otherwise the decoder's launches wait for the GIL behind the DiT thread's (chunk 0's
+    # decode took 1.5-3x longer that way, docs/PERFORMANCE.md v13). The GPU stays busy with the decode meanwhile.
+    first_queued = threading.Event()
+    if not FIRST_FRAMES_FIRST:
+        first_queued.set()
 
     def put(q: queue.Queue, item, until: threading.Event) -> bool:
         """Blocking put that gives up once `until` is set (its reader has gone away)."""
@@ -260,6 +267,8 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                 for item in _denoise_chunks(engine, job, stop):
                     if not put(to_decode, item, until=stop):
                         break
+                    while item[0] == 0 and not first_queued.wait(0.05) and not stop.is_set():
+                        pass
         except BaseException as exc:  # noqa: BLE001 - handed on behind the chunks already done, in order
             put(to_decode, exc, until=stop)
         finally:
@@ -293,8 +302,10 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                     if job.decode:
                         with _stream(dev, first) if c == 0 else contextlib.nullcontext():
                             video = decoder.decode_chunk(x0[0])
+                            first_queued.set()
                             _sync(dev)
                         assert video.shape[1] == n_frames, (video.shape, n_frames)
+                    first_queued.set()
                     stats = {**dit_stats, "decode_ms": (time.perf_counter() - t1) * 1e3}
                     if not put(out, ChunkOutput(c, frame_start, video, x0[0], stats), until=cancelled):
                         break
