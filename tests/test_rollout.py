@@ -1,0 +1,59 @@
+"""The leader's pipeline order: the first chunk's decode is queued before the DiT of chunk 1 starts."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from worker import rollout as rollout_mod
+from worker.rollout import RolloutJob
+
+
+def _job() -> RolloutJob:
+    g = torch.Generator().manual_seed(0)
+    return RolloutJob(prompt="a corridor", image=torch.rand(3, 48, 64, generator=g) * 2 - 1, num_chunks=2,
+                      width=64, height=48, seed=1, kv_window=6, kv_sink=3, camera_actions=[["w"]] * 6)
+
+
+def _events(engine, monkeypatch) -> list[tuple[str, int]]:
+    """Run a 2-chunk job, recording (what, chunk) in order: DiT forwards and decode calls. The chunk-0 decode is
+    slow to return, so anything that does not wait for it overtakes it."""
+    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    decodes = [0]
+    real_forward = engine.dit.forward
+    real_decode = engine.vae.decode_chunk
+
+    def forward(x, y, t, text_kv, ctx, *args, **kwargs):
+        with lock:
+            events.append(("dit", ctx.start_frame // 3))
+        return real_forward(x, y, t, text_kv, ctx, *args, **kwargs)
+
+    def decode_chunk(latents):
+        c = decodes[0]
+        decodes[0] += 1
+        out = real_decode(latents)
+        if c == 0:
+            time.sleep(0.3)
+        with lock:
+            events.append(("decoded", c))
+        return out
+
+    monkeypatch.setattr(engine.dit, "forward", forward)
+    monkeypatch.setattr(engine.vae, "decode_chunk", decode_chunk)
+    chunks = list(engine.rollout(_job()))
+    assert [c.index for c in chunks] == [0, 1] and all(c.video is not None for c in chunks)
+    return events
+
+
+@pytest.mark.parametrize("first_frames_first", [True, False])
+def test_chunk1_dit_waits_for_the_first_decode(tiny_engine, monkeypatch, first_frames_first: bool) -> None:
+    monkeypatch.setattr(rollout_mod, "FIRST_FRAMES_FIRST", first_frames_first)
+    events = _events(tiny_engine, monkeypatch)
+    first_decode = events.index(("decoded", 0))
+    first_chunk1_dit = events.index(("dit", 1))
+    # with the switch off the DiT runs ahead (and the order check fails): the test can tell the two apart
+    assert (first_decode < first_chunk1_dit) == first_frames_first, events
