@@ -139,3 +139,9 @@ def test_killed_rank_fails_job_within_bounded_time():
             next(pool.rollout(_job()))
     finally:
         pool.close()
+
+
+def test_bad_decode_cost_names_the_setting(monkeypatch):
+    monkeypatch.setenv("LINGBOT_SP_DECODE_COST", "1.5")
+    with pytest.raises(ValueError, match=r"LINGBOT_SP_DECODE_COST: '1.5' is not a number in \[0, 1\)"):
+        RankPool.start("tiny", ranks=2, device="cpu")

@@ -130,9 +130,11 @@ class RankPool:
             raw = os.environ.get("LINGBOT_SP_DECODE_COST", str(DEFAULT_DECODE_COST))
             try:
                 decode_cost = float(raw)
+                share = leader_share_for(ranks, decode_cost)
             except ValueError:
                 raise ValueError(f"LINGBOT_SP_DECODE_COST: {raw!r} is not a number in [0, 1)") from None
-        share = leader_share_for(ranks, decode_cost)
+        else:
+            share = leader_share_for(ranks, decode_cost)
         os.environ.update(MULTICAST_OFF)  # inherited by the spawned ranks
         if device.startswith("cuda") and torch.cuda.device_count() < ranks:
             raise ValueError(f"ranks: {ranks} GPUs asked for, {torch.cuda.device_count()} visible")
