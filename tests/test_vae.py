@@ -238,9 +238,7 @@ def test_residual_blocks_with_conv_bias_folded_equal_diffusers(monkeypatch, dtyp
         return out if bias is None else out.add_(bias.view(-1, 1, 1, 1))
 
     monkeypatch.setattr(torch.nn.functional, "conv3d", conv3d_cuda_bias_order)
-    plain, patched = _plain_and_patched(
-        dtype, vae_mod._fuse_residual_blocks, vae_mod._fuse_rms_norms, vae_mod._pad_inside_convs
-    )
+    plain, patched = _plain_and_patched(dtype, vae_mod._fuse_norm_passes, vae_mod._pad_inside_convs)
     blocks = [m for m in patched.vae.decoder.modules() if isinstance(m, WanResidualBlock)]
     assert any(not isinstance(m.conv_shortcut, torch.nn.Identity) for m in blocks)  # both shortcut kinds covered
 

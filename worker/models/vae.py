@@ -72,8 +72,7 @@ class StreamingVAE:
                 if isinstance(m, torch.nn.Conv3d):
                     m.weight.data = m.weight.data.to(memory_format=torch.channels_last_3d)
             if os.environ.get("LINGBOT_VAE_FUSED_NORM", "1") != "0":
-                _fuse_residual_blocks(vae)  # first: it recognises the blocks by their SiLU, which the next removes
-                _fuse_rms_norms(vae)
+                _fuse_norm_passes(vae)
             if os.environ.get("LINGBOT_VAE_CONV_PAD", "1") != "0":
                 _pad_inside_convs(vae)
         z = vae.config.z_dim
@@ -231,6 +230,13 @@ class StreamingVAE:
         return out
 
 
+def _fuse_norm_passes(vae: AutoencoderKLWan) -> None:
+    """Both norm fusions, in the one order that works: the residual blocks are recognised by their SiLU, which
+    _fuse_rms_norms then removes from the modules the blocks no longer own."""
+    _fuse_residual_blocks(vae)
+    _fuse_rms_norms(vae)
+
+
 def _fuse_rms_norms(vae: AutoencoderKLWan) -> None:
     """Route every channel-first WanRMS_norm through one fused kernel (worker.models.fused.wan_rms_norm).
 
@@ -238,6 +244,8 @@ def _fuse_rms_norms(vae: AutoencoderKLWan) -> None:
     SiLU moves into the norm's kernel and the module's own becomes the identity: one pass over the activation
     instead of two."""
     for m in vae.modules():
+        if isinstance(m.forward, functools.partial):  # a block _fuse_residual_blocks owns keeps its SiLU module
+            continue
         if isinstance(m, (WanResidualBlock, WanDecoder3d)) and isinstance(m.nonlinearity, torch.nn.SiLU):
             norms = (m.norm1, m.norm2) if isinstance(m, WanResidualBlock) else (m.norm_out,)
             for norm in norms:
@@ -285,8 +293,8 @@ def _fuse_residual_blocks(vae: AutoencoderKLWan) -> None:
     one "conv2 + bias + shortcut" kernel, which also replaces the block's residual add. Same sums in the same order
     as cuDNN's path: (conv + bias), then the rest; CPU convs start their sums from the bias instead, so there this
     is not bit for bit diffusers (tests/test_vae.py compares the two under cuDNN's order).
-    The convs pad inside cuDNN (_causal_conv3d) whatever LINGBOT_VAE_CONV_PAD says. Must run before
-    _fuse_rms_norms, which turns the blocks' SiLU into the identity; the norms it then patches here go unused."""
+    The convs pad inside cuDNN (_causal_conv3d) whatever LINGBOT_VAE_CONV_PAD says. Runs before _fuse_rms_norms
+    (_fuse_norm_passes), which then leaves these blocks' SiLU as it is (their norm1/norm2 are no longer called)."""
     for m in vae.modules():
         if isinstance(m, WanResidualBlock) and isinstance(m.nonlinearity, torch.nn.SiLU):
             m.forward = functools.partial(_fused_residual_forward, m)

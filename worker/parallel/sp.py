@@ -13,6 +13,7 @@ of the GEMMs (tokens) and of attention (heads) match.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,17 +72,15 @@ class SequenceParallel:
         return self.split(total)[self.rank]
 
     def head_slice(self, num_heads: int) -> slice:
-        counts = self.split(num_heads)
-        start = sum(counts[: self.rank])
-        return slice(start, start + counts[self.rank])
+        return _slices(self.split(num_heads))[self.rank]
 
     # --- token sharding -------------------------------------------------------------------------------
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's slice of the token axis."""
         if not self.enabled:
             return x
-        counts = self.split(x.shape[dim])
-        return x.narrow(dim, sum(counts[: self.rank]), counts[self.rank])
+        mine = _slices(self.split(x.shape[dim]))[self.rank]
+        return x.narrow(dim, mine.start, mine.stop - mine.start)
 
     def gather(self, x: torch.Tensor, true_len: int, dim: int = 1) -> torch.Tensor:
         """Inverse of shard: every rank gets the full token axis."""
@@ -158,7 +157,7 @@ class SequenceParallel:
 
 def _slices(counts: list[int]) -> list[slice]:
     """[2, 3, 3] -> [0:2, 2:5, 5:8]."""
-    ends = [sum(counts[: i + 1]) for i in range(len(counts))]
+    ends = list(itertools.accumulate(counts))
     return [slice(e - c, e) for e, c in zip(ends, counts)]
 
 
