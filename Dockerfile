@@ -23,7 +23,7 @@ WORKDIR /app
 COPY pyproject.toml README.md* ./
 COPY worker/ ./worker/
 RUN python -c "import torch; print(torch.__version__)" > /tmp/torch-before \
- && python -m pip install ".[runpod]" \
+ && python -m pip install ".[runpod,fa4]" \
  && python -c "import torch; print(torch.__version__)" | cmp - /tmp/torch-before \
  && rm /tmp/torch-before
 

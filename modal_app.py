@@ -68,7 +68,7 @@ volume = modal.Volume.from_name(os.environ.get("LINGBOT_MODAL_VOLUME", "lingbot-
 # The base image brings CUDA torch; pip keeps it because it satisfies the package's torch range.
 image = (
     modal.Image.from_registry(BASE_IMAGE)
-    .pip_install_from_pyproject(str(ROOT / "pyproject.toml"), optional_dependencies=["modal"])
+    .pip_install_from_pyproject(str(ROOT / "pyproject.toml"), optional_dependencies=["modal", "fa4"])
     .env(RUNTIME_ENV)
     .add_local_python_source("worker")
 )

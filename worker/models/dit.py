@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.config import DiTConfig
+from worker.models.attention import attention
 from worker.models.fused import (
     apply_rope,
     attn_residual_camera_norm3,
@@ -102,12 +103,6 @@ def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torc
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
     return t.to(device=device, dtype=dtype)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, L, H, D] in and out; SDPA picks cuDNN/flash on GPU from the strides we hand it."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2)
 
 
 # --- per-job and per-chunk context --------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from worker.config import DEFAULT_KV_SINK, DEFAULT_KV_WINDOW, DEFAULT_SIZE
 from worker.engine import Engine, default_device
+from worker.models.attention import backend_setting as attention_backend_setting
 from worker.parallel.sp import DEFAULT_DECODE_COST, SequenceParallel, leader_share_for
 from worker.rollout import ChunkOutput, RolloutJob
 
@@ -291,6 +292,7 @@ def load_generator(model: str | None, device: str | None, ranks: int | None, *, 
     """An Engine on one rank, or a RankPool in front of one: what the CLI and both platform adapters serve."""
     device = device or default_device()
     ranks = ranks or int(os.environ.get("LINGBOT_NUM_GPUS", "1"))
+    attention_backend_setting()  # a bad LINGBOT_ATTENTION fails here, before minutes of loading
     if ranks > 1:
         gen = RankPool.start(model, ranks=ranks, device=device, text_encoder=text_encoder)
     else:

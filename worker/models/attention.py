@@ -1,0 +1,121 @@
+"""Which kernel runs the DiT's attention.
+
+At an 18-frame span self-attention is about half of a chunk's FLOPs (docs/PERFORMANCE.md), so its kernel matters
+more than any other. Two implementations, same math ([B, L, H, D] in and out, no dropout, scale 1/sqrt(D)):
+
+- `sdpa`: PyTorch's scaled_dot_product_attention, which picks cuDNN (Hopper) or FlashAttention-2 on the GPU and
+  the math path on the CPU. Always there; the only one that takes a mask.
+- `fa4`: FlashAttention-4 (the `flash-attn-4` package, kernels written in the CuTe DSL and compiled on first
+  use), for Hopper and Blackwell. An optional extra: `pip install ".[fa4]"`.
+
+LINGBOT_ATTENTION picks one: `auto` (default) takes fa4 where it is installed and the GPU and inputs suit it,
+else sdpa; `sdpa` or `fa4` force one, and forcing fa4 where it cannot run is an error that says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("worker.attention")
+
+BACKENDS = ("auto", "sdpa", "fa4")
+_FA4_ARCHS = (9, 10)  # compute capability majors with FA4 forward kernels tuned for them (Hopper, Blackwell)
+
+
+def backend_setting() -> str:
+    value = os.environ.get("LINGBOT_ATTENTION", "auto").strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"LINGBOT_ATTENTION={value!r}: must be one of {', '.join(BACKENDS)}")
+    return value
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D]."""
+    if mask is None and _fa4_for(q.device, q.dtype, q.shape[-1]):
+        return _fa4_call()(q, k, v)[0]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def active_backend(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, head_dim: int = 128) -> str:
+    """The backend `attention` uses for unmasked inputs like these (for logs and benchmark reports)."""
+    return "fa4" if _fa4_for(torch.device(device), dtype, head_dim) else "sdpa"
+
+
+def _fa4_for(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    setting = backend_setting()
+    if setting == "sdpa":
+        return False
+    if device.type != "cuda":
+        if setting == "fa4":
+            raise RuntimeError(f"LINGBOT_ATTENTION=fa4 needs a CUDA device, not {device.type}")
+        return False
+    index = torch.cuda.current_device() if device.index is None else device.index
+    reason = _fa4_unsupported(index, dtype, head_dim)
+    if reason is None:
+        return True
+    if setting == "fa4":
+        raise RuntimeError(f"LINGBOT_ATTENTION=fa4 cannot run here: {reason}")
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _fa4_unsupported(device_index: int, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None if FA4 runs these inputs on this GPU, else why not. Decided once per GPU and kind of input.
+
+    Past the static checks, one small call (which compiles the kernel every later call of this kind reuses:
+    sequence lengths are not part of FA4's compile key) is compared with SDPA, so a package that imports but
+    does not work with this torch or driver falls back here instead of failing a job.
+    """
+    arch_major = torch.cuda.get_device_capability(device_index)[0]
+    if arch_major not in _FA4_ARCHS:
+        reason = f"compute capability {arch_major}.x has no FA4 forward kernel here (needs 9.x or 10.x)"
+    elif dtype not in (torch.bfloat16, torch.float16):
+        reason = f"dtype {dtype} (FA4 takes bf16 or fp16)"
+    elif head_dim % 8 or not 8 <= head_dim <= 256:
+        reason = f"head dim {head_dim} (FA4 takes multiples of 8 up to 256)"
+    else:
+        reason = _fa4_smoke_test(_test_device(device_index), dtype, head_dim)
+    if reason is None:
+        log.info("attention: FlashAttention-4 on cuda:%d (sm%d0, %s, head dim %d)",
+                 device_index, arch_major, dtype, head_dim)
+    else:
+        log.info("attention: PyTorch SDPA on cuda:%d, not FA4: %s", device_index, reason)
+    return reason
+
+
+def _fa4_smoke_test(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    try:
+        fa4 = _fa4_call()
+    except Exception as e:  # noqa: BLE001 - any import failure means: not available
+        return f"flash-attn-4 is not importable ({type(e).__name__}: {e}); install the fa4 extra"
+    g = torch.Generator(device=device).manual_seed(0)
+    # Lengths off the kernel's 128-row tiles, so the masked edges are checked too.
+    q, k, v = (torch.randn(1, n, 2, head_dim, device=device, dtype=dtype, generator=g) for n in (200, 333, 333))
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        try:
+            out = fa4(q, k, v)[0]
+        except Exception as e:  # noqa: BLE001
+            return f"flash-attn-4 failed a test call ({type(e).__name__}: {e})"
+        ref = F.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v))).transpose(1, 2)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+    if not err < 2e-2:  # bf16 rounding gives ~3e-3
+        return f"flash-attn-4 gave a wrong test result (relative error {err:.2e})"
+    return None
+
+
+def _test_device(index: int) -> torch.device:
+    return torch.device("cuda", index)
+
+
+@functools.lru_cache(maxsize=1)
+def _fa4_call():
+    from flash_attn.cute import flash_attn_func  # imports the CuTe DSL: seconds, so only on first use
+
+    return flash_attn_func
