@@ -112,6 +112,42 @@ def test_official_eviction_examples():
     assert c.frames_in_cache(21) == [*range(0, 9), *range(12, 21)]
 
 
+def test_chunk_slots_are_one_block_or_none():
+    """The slots a chunk's K/V can be received into in place: one contiguous run, or None where its frames wrap."""
+    def cache(window):
+        return KVCache(num_layers=1, frame_tokens=2, total_frames=30, sink=3, window=window, heads=1, head_dim=2,
+                       dtype=torch.float32, device="cpu")
+
+    c = cache(6)
+    for start in range(0, 30, 3):
+        c.begin_chunk(start, 3)
+        k, v = c.chunk_slots(0)
+        slot = c.slot(start) * 2
+        assert k.data_ptr() == c.k[0][:, slot:].data_ptr() and k.shape == (1, 6, 1, 2) and k.is_contiguous()
+        assert v.data_ptr() == c.v[0][:, slot:].data_ptr()
+    c = cache(7)
+    wrapped = []
+    for start in range(0, 30, 3):
+        c.begin_chunk(start, 3)
+        wrapped.append(c.chunk_slots(0) is None)
+    assert any(wrapped) and not all(wrapped)  # frames 3+7k.. wrap around the 7-slot window in some chunks
+
+
+def test_packed_norm_rope_is_the_exchange_send_layout():
+    """q/k for the sequence-parallel path: the fused kernel's output is exactly pack_heads(rms_norm_rope(...))."""
+    from worker.models.fused import rms_norm_rope, rms_norm_rope_packed
+    from worker.parallel.sp import SequenceParallel
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 5, 4 * 6, generator=g), torch.rand(4 * 6, generator=g) + 0.5
+    cos, sin = torch.rand(5, 3, generator=g), torch.rand(5, 3, generator=g)
+    sp = SequenceParallel(0, 2, leader_share=0.25)  # head groups [1, 3]
+    assert sp.split(4) == [1, 3]
+    want = sp.pack_heads(rms_norm_rope(x, w, 1e-6, cos, sin, 4))
+    assert torch.equal(rms_norm_rope_packed(x, w, 1e-6, cos, sin, (1, 3)), want)
+    assert not torch.equal(rms_norm_rope_packed(x, w, 1e-6, cos, sin, (2, 2)), want)
+
+
 def test_window_smaller_than_chunk_is_refused():
     with pytest.raises(ValueError, match="kv_window"):
         KVCache(num_layers=1, frame_tokens=1, total_frames=9, sink=0, window=2, heads=1, head_dim=2,

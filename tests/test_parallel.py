@@ -24,7 +24,10 @@ def _job(chunks: int = 3, seed: int = 5) -> RolloutJob:
     g = torch.Generator().manual_seed(0)
     return RolloutJob(prompt="a corridor", image=torch.rand(3, 48, 64, generator=g) * 2 - 1, num_chunks=chunks,
                       width=64, height=48, seed=seed, kv_window=6, kv_sink=3,
-                      camera_actions=[["w"], ["l"], ["w", "d"], [], ["i"], ["s"], ["j"], ["w"], ["k"]])
+                      camera_actions=[ACTIONS[i % len(ACTIONS)] for i in range(3 * chunks)])
+
+
+ACTIONS = [["w"], ["l"], ["w", "d"], [], ["i"], ["s"], ["j"], ["w"], ["k"], ["a"]]
 
 
 def _latents(gen, job) -> torch.Tensor:
@@ -80,14 +83,30 @@ def _a2a_worker(rank: int, port: int) -> None:
         q = sp.seq_to_heads(shard[0], true_len=s)  # batch of one: received in place, no reassembly
         assert torch.equal(q, full[0, :, :, sp.head_slice(h)])
         assert torch.equal(sp.heads_to_seq(q, h), shard[0])
+        parts = sp.heads_to_seq_parts(q, h)  # one block per rank's head group, in head order
+        assert [p.shape[-2] for p in parts] == sp.split(h) and torch.equal(torch.cat(parts, -2), shard[0])
         assert torch.equal(sp.gather(shard[0], s), full[0])
+        # Received in place: the exchange writes into the caller's buffer (a K/V cache slot) and returns it.
+        slot = torch.full((1, s, sp.local(h), 3), -1.0)
+        got = sp.seq_to_heads_async(sp.pack_heads(shard[0]), shard[0].shape, s, out=slot)()
+        assert got.data_ptr() == slot.data_ptr() and torch.equal(slot, full[0, :, :, sp.head_slice(h)])
+        # A slot that is not one contiguous block still gets the right values, through a copy.
+        wide = torch.full((1, s, sp.local(h), 6), -1.0)
+        got = sp.seq_to_heads_async(sp.pack_heads(shard[0]), shard[0].shape, s, out=wide[..., :3])()
+        assert torch.equal(wide[..., :3], full[0, :, :, sp.head_slice(h)]) and (wide[..., 3:] == -1).all()
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("decode_cost", [0.0, 0.5])  # even split; leader with 1 of 4 heads and 9 of 36 tokens
-def test_two_ranks_match_one_rank(decode_cost: float):
+# even split; leader with 1 of 4 heads and 9 of 36 tokens. A window of 6 latent frames holds whole chunks, so K/V
+# arrive straight in the cache; with 7 a chunk's frames wrap around the window and go through KVCache.write.
+# FP8 linears take the plain projections instead of the head-group GEMMs.
+@pytest.mark.parametrize("decode_cost, window, fp8", [(0.0, 6, False), (0.5, 7, False), (0.5, 6, True)])
+def test_two_ranks_match_one_rank(decode_cost: float, window: int, fp8: bool, monkeypatch):
     torch.manual_seed(0)
-    job = _job()
+    job = _job(chunks=4)
+    job.kv_window = window
+    if fp8:
+        monkeypatch.setenv("LINGBOT_FP8", "1")  # read by Engine.load on every rank
     one = Engine.load("tiny", device="cpu", dtype=torch.float32)
     ref = _latents(one, job)
     pool = RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60, decode_cost=decode_cost)
@@ -99,7 +118,7 @@ def test_two_ranks_match_one_rank(decode_cost: float):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         assert pool.healthy
         # the pool stays warm: a second job (another seed) runs too and differs
-        other = _latents(pool, _job(seed=6))
+        other = _latents(pool, _job(chunks=4, seed=6))
         assert not torch.allclose(other, ref, atol=1e-3)
     finally:
         pool.close()

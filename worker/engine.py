@@ -113,8 +113,8 @@ class Engine:
         if fp8 if fp8 is not None else os.environ.get("LINGBOT_FP8") == "1":
             from worker.models.fp8 import convert_blocks_to_fp8
 
-            log.warning("FP8 linears in the DiT blocks (%d swapped): faster, not bit-faithful to bf16",
-                        convert_blocks_to_fp8(dit))
+            log.warning("FP8 linears in the DiT blocks (%d swapped): 17 GiB less weight memory, no speed-up "
+                        "measured, ~4%% latent error against bf16", convert_blocks_to_fp8(dit))
         vae = enc = None
         if sp.is_leader:
             vae_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

@@ -30,7 +30,6 @@ from torch import nn
 from worker.config import DiTConfig
 from worker.models.attention import attention
 from worker.models.fused import (
-    apply_rope,
     attn_residual_camera_norm3,
     gated_residual,
     linear_gelu,
@@ -38,9 +37,10 @@ from worker.models.fused import (
     residual_modulated_norm,
     rms_norm,
     rms_norm_rope,
+    rms_norm_rope_packed,
 )
 from worker.models.kv_cache import KVCache
-from worker.parallel.sp import SINGLE, SequenceParallel
+from worker.parallel.sp import SINGLE, SequenceParallel, consecutive_slices
 
 
 class RMSNorm(nn.Module):
@@ -143,22 +143,63 @@ class SelfAttention(Attention):
             q = rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, ctx.cos, ctx.sin, self.num_heads)
             k = rms_norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, ctx.cos, ctx.sin, self.num_heads)
             v = self.v(x).view(b, s, *hd)
+            if ctx.cache is not None:
+                k, v = ctx.cache.write(layer, k, v)
         else:
-            # The norm needs every head, RoPE every token: the all-to-all sits between them. q's exchange runs
-            # while k and v are projected, and k/v's while q is rotated, so it overlaps compute.
-            q = sp.seq_to_heads_async(self.norm_q(self.q(x)).view(b, s, *hd), ctx.num_tokens)
-            k = self.norm_k(self.k(x)).view(b, s, *hd)
-            v = self.v(x).view(b, s, *hd)
-            kv = sp.seq_to_heads_async(torch.stack([k, v]), ctx.num_tokens)
-            q = apply_rope(q(), ctx.cos, ctx.sin)
-            k, v = kv()
-            k = apply_rope(k, ctx.cos, ctx.sin)
-        if ctx.cache is not None:
-            k, v = ctx.cache.write(layer, k, v)
+            # Each rank norms and rotates its own tokens (the norm needs every head, which only the sender has),
+            # writing q and k in the exchange's send layout; v's projection writes it per head group. q's
+            # exchange runs while k and v are projected. K and V arrive straight in this chunk's cache slots.
+            groups = tuple(sp.split(self.num_heads))
+            shape = (b, s, *hd)
+            slots = ctx.cache.chunk_slots(layer) if ctx.cache is not None else None
+            q = sp.seq_to_heads_async(rms_norm_rope_packed(self.q(x), self.norm_q.weight, self.norm_q.eps, ctx.cos,
+                                                           ctx.sin, groups), shape, ctx.num_tokens)
+            k = rms_norm_rope_packed(self.k(x), self.norm_k.weight, self.norm_k.eps, ctx.cos, ctx.sin, groups)
+            k = sp.seq_to_heads_async(k, shape, ctx.num_tokens, out=slots[0] if slots else None)
+            v = sp.seq_to_heads_async(_linear_head_groups(self.v, x, sp, self.head_dim), shape, ctx.num_tokens,
+                                      out=slots[1] if slots else None)
+            q, k, v = q(), k(), v()
+            if ctx.cache is not None:
+                k, v = ctx.cache.visible(layer) if slots else ctx.cache.write(layer, k, v)
         if cache_only:
             return None
         out = attention(q, k, v, ctx.attn_mask)
-        return self.o(sp.heads_to_seq(out, self.num_heads).flatten(2))
+        if not sp.enabled:
+            return self.o(out.flatten(2))
+        return _linear_from_head_groups(self.o, sp.heads_to_seq_parts(out, self.num_heads), self.head_dim)
+
+
+def _linear_head_groups(linear: nn.Module, x: torch.Tensor, sp: SequenceParallel, head_dim: int) -> torch.Tensor:
+    """linear(x) for [B, s, dim] -> [B, s, H*D], written flat in the exchange's send layout: one GEMM per head
+    group, each writing its own contiguous block, instead of one GEMM and a strided copy."""
+    if not isinstance(linear, nn.Linear):  # FP8 linears: project, then pack
+        return sp.pack_heads(linear(x).unflatten(-1, (-1, head_dim)))
+    groups = sp.split(linear.out_features // head_dim)
+    x2 = x.reshape(-1, x.shape[-1])
+    send = x.new_empty(x2.shape[0] * sum(groups) * head_dim)
+    offset = 0
+    for hs in consecutive_slices(groups):
+        rows = slice(hs.start * head_dim, hs.stop * head_dim)
+        n = x2.shape[0] * (rows.stop - rows.start)
+        torch.addmm(linear.bias[rows], x2, linear.weight[rows].t(), out=send[offset : offset + n].view(x2.shape[0], -1))
+        offset += n
+    return send
+
+
+def _linear_from_head_groups(linear: nn.Module, parts: list[torch.Tensor], head_dim: int) -> torch.Tensor:
+    """linear(concat of the head groups [B, s, h_j, D]) as split-K GEMMs over the groups as they arrived from the
+    exchange, accumulating in place: no copy back into one [B, s, H, D] tensor."""
+    *lead, s, _, _ = parts[0].shape
+    if len(parts) == 1 or not isinstance(linear, nn.Linear):
+        return linear(torch.cat(parts, dim=-2).flatten(-2))
+    y, col = None, 0
+    for part in parts:
+        width = part.shape[-2] * head_dim
+        w = linear.weight[:, col : col + width].t()
+        part = part.reshape(-1, width)
+        y = torch.addmm(linear.bias, part, w) if y is None else y.addmm_(part, w)
+        col += width
+    return y.view(*lead, s, -1)
 
 
 class CrossAttention(Attention):
@@ -318,7 +359,8 @@ class LingBotDiT(nn.Module):
         pt, ph, pw = self.cfg.patch_size
         grid = (f // pt, h // ph, w // pw)
         n = math.prod(grid)
-        cos, sin = rope_tables(self.cfg, start_frame, grid, self.device)
+        # This rank's tokens only: each rank rotates its own q and k before the exchange.
+        cos, sin = (sp.shard(t, dim=0) for t in rope_tables(self.cfg, start_frame, grid, self.device))
         if cache is not None:
             cache.begin_chunk(start_frame, grid[0])
         p = self.patch_embedding_wancamctrl(sp.shard(self.camera_tokens(to_device(plucker, self.device, self.dtype))))

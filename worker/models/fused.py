@@ -125,12 +125,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _rms(x, weight, eps)
 
 
-@fusable(tokens={0: 1, 1: 0, 2: 0})
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, L, H, D] with (2j, 2j+1) as a complex pair; cos/sin [L, D/2]; fp32 math like the official code."""
-    return _rope(x, cos, sin)
-
-
 # Not single-pass: with the whole row in registers the pair-swapping RoPE indexing ran 1.7x slower (129 vs 77 us
 # per call on an H200, docs/PERFORMANCE.md v9), more than the second read costs.
 @fusable(tokens={0: 1, 3: 0, 4: 0}, single_pass_rows=False)
@@ -138,6 +132,16 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.
                   heads: int) -> torch.Tensor:
     """[B, L, dim] -> RMSNorm across heads -> [B, L, H, D] rotated: one pass instead of two on one GPU."""
     return _rope(_rms(x, weight, eps).unflatten(-1, (heads, -1)), cos, sin)
+
+
+@fusable(tokens={0: 1, 3: 0, 4: 0}, single_pass_rows=False)
+def rms_norm_rope_packed(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                         groups: tuple[int, ...]) -> torch.Tensor:
+    """rms_norm_rope over sum(groups) heads, written flat as the sequence-parallel exchange sends it: each rank's
+    head group ([B, L, groups[j], D]) contiguous, in rank order (worker/parallel/sp.py). Inductor writes the groups
+    straight into one buffer, so the norm, the rotation and the send layout are one pass over q or k."""
+    y = _rope(_rms(x, weight, eps).unflatten(-1, (sum(groups), -1)), cos, sin)
+    return torch.cat([part.reshape(-1) for part in y.split(list(groups), dim=2)])
 
 
 @fusable(tokens={0: 1})

@@ -69,7 +69,21 @@ class KVCache:
         for src, dst, n in self._runs:
             ck[:, dst : dst + n].copy_(k[:, src : src + n])
             cv[:, dst : dst + n].copy_(v[:, src : src + n])
-        return ck[:, : self.valid_tokens], cv[:, : self.valid_tokens]
+        return self.visible(layer)
+
+    def chunk_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This chunk's K and V slots as one contiguous [B, L, H, D] view each, for a producer that writes them in
+        place (the sequence-parallel exchange receives straight into them); None where the chunk's frames are
+        not one run of slots (a window that is not a multiple of the chunk wraps inside a chunk) or B > 1."""
+        if len(self._runs) != 1 or self._runs[0][0] != 0:
+            return None
+        _, dst, n = self._runs[0]
+        k, v = self.k[layer][:, dst : dst + n], self.v[layer][:, dst : dst + n]
+        return (k, v) if k.is_contiguous() else None
+
+    def visible(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values attention sees once this chunk's slots are written."""
+        return self.k[layer][:, : self.valid_tokens], self.v[layer][:, : self.valid_tokens]
 
     def frames_in_cache(self, end_frame: int) -> list[int]:
         """Which latent frames attention sees once frames [0, end_frame) are written (for tests and docs)."""

@@ -72,14 +72,14 @@ class SequenceParallel:
         return self.split(total)[self.rank]
 
     def head_slice(self, num_heads: int) -> slice:
-        return _slices(self.split(num_heads))[self.rank]
+        return consecutive_slices(self.split(num_heads))[self.rank]
 
     # --- token sharding -------------------------------------------------------------------------------
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's slice of the token axis."""
         if not self.enabled:
             return x
-        mine = _slices(self.split(x.shape[dim]))[self.rank]
+        mine = consecutive_slices(self.split(x.shape[dim]))[self.rank]
         return x.narrow(dim, mine.start, mine.stop - mine.start)
 
     def gather(self, x: torch.Tensor, true_len: int, dim: int = 1) -> torch.Tensor:
@@ -97,44 +97,68 @@ class SequenceParallel:
         return torch.cat([p.narrow(dim, 0, c) for p, c in zip(parts, counts)], dim=dim)
 
     # --- Ulysses all-to-all -----------------------------------------------------------------------------
+    # The send side of seq_to_heads is a flat buffer in "packed" order: for each rank j in turn, this rank's
+    # tokens with rank j's heads ([*lead, s, heads[j], D], contiguous). The DiT's fused norm/RoPE kernel and its
+    # head-split v projection write that order directly (worker/models/dit.py), so no copy is needed to send.
+    def pack_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., s, H, D] -> the packed send buffer (one copy)."""
+        *lead, s, h, d = x.shape
+        send = x.new_empty(x.numel())
+        heads = self.split(h)
+        for part, hs in zip(send.split([math.prod(lead) * s * hj * d for hj in heads]), consecutive_slices(heads)):
+            part.view(*lead, s, hs.stop - hs.start, d).copy_(x[..., hs, :])
+        return send
+
     def seq_to_heads(self, x: torch.Tensor, true_len: int) -> torch.Tensor:
         """[..., s, H, D] (this rank's tokens, all heads) -> [..., S, h, D] (all tokens, this rank's heads).
 
         Leading dims are kept, so k and v stacked as [2, B, s, H, D] travel in one collective.
         """
-        return self.seq_to_heads_async(x, true_len)()
-
-    def seq_to_heads_async(self, x: torch.Tensor, true_len: int) -> Callable[[], torch.Tensor]:
-        """Start seq_to_heads; the returned function waits for it. Lets the caller overlap the exchange of q
-        with the k/v projections (NCCL runs on its own stream)."""
         if not self.enabled:
-            return lambda: x
-        *lead, s, h, d = x.shape
+            return x
+        return self.seq_to_heads_async(self.pack_heads(x), x.shape, true_len)()
+
+    def seq_to_heads_async(self, send: torch.Tensor, shape: torch.Size | tuple[int, ...], true_len: int,
+                           out: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
+        """Start the exchange of a packed send buffer holding a [..., s, H, D] tensor (`shape`); the returned
+        function waits for it and gives [..., S, h, D]. NCCL runs on its own stream, so the caller can overlap
+        it with compute.
+
+        out: where the result should land, e.g. this chunk's slots in the K/V cache. With one leading element
+        the received blocks already are [S, h, D] in token order, so NCCL writes straight into `out`.
+        """
+        *lead, s, h, d = shape
+        if not self.enabled:
+            result = send.view(shape)
+            return (lambda: result) if out is None else (lambda: out.copy_(result))
         b = math.prod(lead)
         tokens, heads = self.split(true_len), self.split(h)
         mine = heads[self.rank]
-        # send: for each rank j in turn, our tokens with rank j's heads ([*lead, s, heads[j], d]), one copy.
-        send = x.new_empty(b * s * h * d)
-        sizes = [b * s * hj * d for hj in heads]
-        for part, hs in zip(send.split(sizes), _slices(heads)):
-            part.view(*lead, s, hs.stop - hs.start, d).copy_(x[..., hs, :])
-        recv = x.new_empty(b * true_len * mine * d)
+        direct = out is not None and b == 1 and out.is_contiguous()
+        recv = out.view(-1) if direct else send.new_empty(b * true_len * mine * d)
         recv_sizes = [b * tj * mine * d for tj in tokens]
-        work = dist.all_to_all_single(recv, send, recv_sizes, sizes, group=self.group, async_op=True)
+        work = dist.all_to_all_single(recv, send, recv_sizes, [b * s * hj * d for hj in heads], group=self.group,
+                                      async_op=True)
 
         def finish() -> torch.Tensor:
             work.wait()
+            if direct:
+                return out
             if b == 1:  # rank j's block holds tokens j in order: the buffer already is [S, h, d]
-                return recv.view(*lead, true_len, mine, d)
-            parts = [p.view(*lead, tj, mine, d) for p, tj in zip(recv.split(recv_sizes), tokens)]
-            return torch.cat(parts, dim=-3)
+                result = recv.view(*lead, true_len, mine, d)
+            else:
+                result = torch.cat([p.view(*lead, tj, mine, d) for p, tj in zip(recv.split(recv_sizes), tokens)],
+                                   dim=-3)
+            return result if out is None else out.copy_(result)
 
         return finish
 
-    def heads_to_seq(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
-        """[..., S, h, D] (all tokens, this rank's heads) -> [..., s, H, D] (this rank's tokens, all heads)."""
+    def heads_to_seq_parts(self, x: torch.Tensor, num_heads: int) -> list[torch.Tensor]:
+        """[..., S, h, D] (all tokens, this rank's heads) -> this rank's tokens with every rank's head group, one
+        [..., s, heads[j], D] tensor per rank j in head order. A caller that multiplies by a weight next can use
+        the parts as they are (split-K) instead of copying them into one [..., s, H, D] tensor."""
         if not self.enabled:
-            return x
+            return [x]
         *lead, total, mine, d = x.shape
         b = math.prod(lead)
         tokens, heads = self.split(total), self.split(num_heads)
@@ -144,10 +168,12 @@ class SequenceParallel:
         recv = x.new_empty(s * b * num_heads * d)
         recv_sizes = [s * b * hj * d for hj in heads]
         dist.all_to_all_single(recv, send, recv_sizes, [tj * b * mine * d for tj in tokens], group=self.group)
-        out = x.new_empty(*lead, s, num_heads, d)
-        for part, hs in zip(recv.split(recv_sizes), _slices(heads)):
-            out[..., hs, :] = part.view(s, *lead, hs.stop - hs.start, d).movedim(0, -3)
-        return out
+        return [part.view(s, *lead, hj, d).movedim(0, -3) for part, hj in zip(recv.split(recv_sizes), heads)]
+
+    def heads_to_seq(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """[..., S, h, D] (all tokens, this rank's heads) -> [..., s, H, D] (this rank's tokens, all heads)."""
+        parts = self.heads_to_seq_parts(x, num_heads)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.enabled:
@@ -155,8 +181,8 @@ class SequenceParallel:
         return x
 
 
-def _slices(counts: list[int]) -> list[slice]:
-    """[2, 3, 3] -> [0:2, 2:5, 5:8]."""
+def consecutive_slices(counts: list[int]) -> list[slice]:
+    """Consecutive ranges of the given sizes: [2, 3, 3] -> [0:2, 2:5, 5:8] (heads or tokens per rank)."""
     ends = list(itertools.accumulate(counts))
     return [slice(e - c, e) for e, c in zip(ends, counts)]
 
