@@ -253,3 +253,27 @@ def test_residual_blocks_with_conv_bias_folded_equal_diffusers(monkeypatch, dtyp
 
     _assert_streamed_decode_equal(plain, patched, counting_convs)
     _assert_streamed_condition_equal(plain, patched)
+
+
+def test_upsampling_in_bf16_is_bit_identical(monkeypatch) -> None:
+    """The decoder's nearest-exact upsamplers run in bf16 instead of diffusers' fp32 round trip: same bits, and no
+    upsample sees an fp32 tensor any more."""
+    from worker.models import vae as vae_mod
+
+    plain, patched = _plain_and_patched(torch.bfloat16, vae_mod._upsample_in_own_dtype)
+    real_interpolate = torch.nn.functional.interpolate
+    dtypes: list[torch.dtype] = []
+
+    def recording(x, *a, **kw):
+        dtypes.append(x.dtype)
+        return real_interpolate(x, *a, **kw)
+
+    def watch(k: int, decode):
+        dtypes.clear()
+        monkeypatch.setattr(torch.nn.functional, "interpolate", recording)
+        out = decode()
+        monkeypatch.setattr(torch.nn.functional, "interpolate", real_interpolate)
+        assert dtypes and set(dtypes) == {torch.bfloat16}, (k, dtypes)
+        return out
+
+    _assert_streamed_decode_equal(plain, patched, watch)
