@@ -34,12 +34,13 @@ def _latents(gen, job) -> torch.Tensor:
     return torch.cat([c.latents for c in gen.rollout(job)], dim=1)
 
 
-def test_all_to_all_round_trip_even_and_uneven_splits():
-    """Ulysses exchange on 2 gloo ranks: seq->heads->seq is the identity, for an odd token count (5 / 2), and for a
-    leader that takes less (30%) of 7 tokens and 5 heads, with k/v stacked in front of the token axis."""
+@pytest.mark.parametrize("world", [2, 3])
+def test_all_to_all_round_trip_even_and_uneven_splits(world: int):
+    """Ulysses exchange on 2 and 3 gloo ranks: seq->heads->seq is the identity, for an odd token count (5 / 2), and
+    for a leader that takes less (30%) of 7 tokens and 5 heads, with k/v stacked in front of the token axis."""
     ctx = mp.get_context("spawn")
     port = _port()
-    procs = [ctx.Process(target=_a2a_worker, args=(r, port)) for r in range(2)]
+    procs = [ctx.Process(target=_a2a_worker, args=(r, world, port)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -72,9 +73,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _a2a_worker(rank: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    for sp, (s, h) in ((SequenceParallel(rank, 2), (5, 4)), (SequenceParallel(rank, 2, leader_share=0.3), (7, 5))):
+def _a2a_worker(rank: int, world: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    for sp, (s, h) in ((SequenceParallel(rank, world), (5, 4)),
+                       (SequenceParallel(rank, world, leader_share=0.3), (7, 5))):
         full = torch.arange(2 * s * h * 3, dtype=torch.float32).reshape(2, 1, s, h, 3)  # [k/v, B, S, H, D]
         shard = sp.shard(full, dim=2)
         assert shard.shape[2] == sp.local(s)

@@ -110,8 +110,8 @@ def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torc
 class ChunkContext:
     grid: tuple[int, int, int]  # latent (F, h, w) after patching
     start_frame: int
-    num_tokens: int  # true tokens in the chunk (before sharding pads)
-    cos: torch.Tensor
+    num_tokens: int  # all of the chunk's tokens, every rank's
+    cos: torch.Tensor  # RoPE tables [this rank's tokens, head_dim / 2]
     sin: torch.Tensor
     cam_scale: list[torch.Tensor]  # per block, this rank's tokens [B, Ls, dim]
     cam_shift: list[torch.Tensor]
@@ -164,8 +164,6 @@ class SelfAttention(Attention):
         if cache_only:
             return None
         out = attention(q, k, v, ctx.attn_mask)
-        if not sp.enabled:
-            return self.o(out.flatten(2))
         return _linear_from_head_groups(self.o, sp.heads_to_seq_parts(out, self.num_heads), self.head_dim)
 
 
@@ -181,7 +179,8 @@ def _linear_head_groups(linear: nn.Module, x: torch.Tensor, sp: SequenceParallel
     for hs in consecutive_slices(groups):
         rows = slice(hs.start * head_dim, hs.stop * head_dim)
         n = x2.shape[0] * (rows.stop - rows.start)
-        torch.addmm(linear.bias[rows], x2, linear.weight[rows].t(), out=send[offset : offset + n].view(x2.shape[0], -1))
+        block = send[offset : offset + n].view(x2.shape[0], -1)
+        torch.addmm(linear.bias[rows], x2, linear.weight[rows].t(), out=block)
         offset += n
     return send
 
@@ -189,9 +188,11 @@ def _linear_head_groups(linear: nn.Module, x: torch.Tensor, sp: SequenceParallel
 def _linear_from_head_groups(linear: nn.Module, parts: list[torch.Tensor], head_dim: int) -> torch.Tensor:
     """linear(concat of the head groups [B, s, h_j, D]) as split-K GEMMs over the groups as they arrived from the
     exchange, accumulating in place: no copy back into one [B, s, H, D] tensor."""
-    *lead, s, _, _ = parts[0].shape
-    if len(parts) == 1 or not isinstance(linear, nn.Linear):
+    if len(parts) == 1:  # one rank
+        return linear(parts[0].flatten(-2))
+    if not isinstance(linear, nn.Linear):  # FP8 linears
         return linear(torch.cat(parts, dim=-2).flatten(-2))
+    *lead, s, _, _ = parts[0].shape
     y, col = None, 0
     for part in parts:
         width = part.shape[-2] * head_dim

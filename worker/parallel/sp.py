@@ -1,9 +1,9 @@
 """Ulysses sequence parallelism: the collectives the DiT needs, and nothing else.
 
-Every linear layer runs on a slice of the chunk's tokens. Self-attention needs all tokens, so q/k/v go through
-one all-to-all from "tokens split, all heads" to "all tokens, heads split", and the attention output comes back
-the same way. Each rank therefore caches K/V only for its own heads. With one rank every method is the identity,
-so the single-GPU path pays nothing.
+Every linear layer runs on a slice of the chunk's tokens. Self-attention needs all tokens, so q, k and v each go
+through an all-to-all from "tokens split, all heads" to "all tokens, heads split", and the attention output comes
+back the same way. Each rank therefore caches K/V only for its own heads, and receives them straight into its
+cache. With one rank every method is the identity, so the single-GPU path pays nothing.
 
 The split need not be even. Rank 0 (the leader) also decodes the frames, on a second stream of the same GPU,
 and every other rank waits for it inside the next all-to-all; giving the leader a smaller share of the tokens
