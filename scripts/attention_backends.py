@@ -9,28 +9,21 @@ its input: a kernel launched on any other stream reads stale q and fails it.
 """
 import argparse
 import os
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from worker.bench import gpu_ms
+
 FRAME_TOKENS, QUERY_FRAMES, HEAD_DIM = 1560, 3, 128
 dev = torch.device("cuda")
 
 
-def timed(fn, n=20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(n):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def timed(fn) -> float:
+    return statistics.median(gpu_ms(fn, n=20))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -5,24 +5,19 @@ For each decoder stage (channels, frames in, resolution): conv3d on the time-con
 padding inside the conv (what worker/models/vae.py runs), the same under cudnn.benchmark, and the conv as one
 conv2d over the three time taps stacked on the channel axis (the stacking copy is timed with it).
 """
-import time
+import statistics
 
 import torch
 import torch.nn.functional as F
+
+from worker.bench import gpu_ms
 
 dev = torch.device("cuda")
 STAGES = [(384, 1, 60, 104), (384, 2, 120, 208), (192, 4, 240, 416), (96, 4, 480, 832)]
 
 
-def timed(fn, n=10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
+def timed(fn) -> float:
+    return statistics.mean(gpu_ms(fn, n=10))
 
 
 with torch.inference_mode():

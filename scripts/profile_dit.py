@@ -6,11 +6,12 @@ the steady-state span (sink 3 + window 15 latent frames), and times forward() pe
 """
 import argparse
 import dataclasses
-import time
+import statistics
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from worker.bench import gpu_ms
 from worker.config import FULL
 from worker.models import dit as dit_mod
 from worker.models.kv_cache import KVCache
@@ -45,15 +46,8 @@ with torch.inference_mode():
     def fwd():
         return model(x, y, 999, text_kv, ctx, time_emb=te)
 
-    def timed(n=5):
-        for _ in range(2):
-            fwd()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            fwd()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / n * 1e3 / a.layers
+    def timed():
+        return statistics.mean(gpu_ms(fwd, n=5, warmup=2)) / a.layers
 
     print(f"tokens/chunk {3 * ft}, kv tokens {cache.valid_tokens}")
     print(f"default SDPA: {timed():.2f} ms per block-forward")
@@ -74,14 +68,8 @@ with torch.inference_mode():
                 q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous())
             try:
                 with sdpa_kernel([be]):
-                    for _ in range(3):
-                        torch.nn.functional.scaled_dot_product_attention(qq, kk, kk)
-                    torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    for _ in range(10):
-                        torch.nn.functional.scaled_dot_product_attention(qq, kk, kk)
-                    torch.cuda.synchronize()
-                    ms = (time.perf_counter() - t) / 10 * 1e3
+                    ms = statistics.mean(gpu_ms(
+                        lambda: torch.nn.functional.scaled_dot_product_attention(qq, kk, kk), n=10))
                 print(f"attn {name} {layout}: {ms:.2f} ms = {fl / ms / 1e9:.0f} TFLOP/s")
             except Exception as exc:  # noqa: BLE001
                 print(f"attn {name} {layout}: failed {str(exc)[:150]}")

@@ -18,8 +18,10 @@ from worker.models import attention as attn
 def fresh_choice(monkeypatch):
     monkeypatch.delenv("LINGBOT_ATTENTION", raising=False)
     attn._fa4_unsupported.cache_clear()
+    attn._use_fa4.cache_clear()
     yield
     attn._fa4_unsupported.cache_clear()
+    attn._use_fa4.cache_clear()
 
 
 def _qkv(lq=7, lk=11, heads=3, d=16, dtype=torch.float32):

@@ -66,6 +66,22 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> 
     return 2 * n**3 * iters / (time.perf_counter() - t) / 1e12
 
 
+def gpu_ms(fn, n: int = 10, warmup: int = 3) -> list[float]:
+    """Milliseconds of GPU time of each of n calls of fn() on the current CUDA stream, after `warmup` calls
+    (CUDA events around each call; for the stand-alone scripts under scripts/)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

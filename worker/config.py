@@ -52,14 +52,6 @@ class DiTConfig:
         d["patch_size"] = list(self.patch_size)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DiTConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        if "patch_size" in kw:
-            kw["patch_size"] = tuple(kw["patch_size"])
-        return cls(**kw)
-
 
 # --- VAE (Wan2.1, causal): fixed by the latent space the DiT was trained in ---------------------------
 VAE_Z_DIM = 16

@@ -37,7 +37,7 @@ def backend_setting() -> str:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """[B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D]."""
-    if mask is None and _fa4_for(q.device, q.dtype, q.shape[-1]):
+    if mask is None and _use_fa4(q.device, q.dtype, q.shape[-1], os.environ.get("LINGBOT_ATTENTION")):
         return _fa4_call()(q, k, v)[0]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
@@ -46,6 +46,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def active_backend(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, head_dim: int = 128) -> str:
     """The backend `attention` uses for unmasked inputs like these (for logs and benchmark reports)."""
     return "fa4" if _fa4_for(torch.device(device), dtype, head_dim) else "sdpa"
+
+
+@functools.lru_cache(maxsize=None)
+def _use_fa4(device: torch.device, dtype: torch.dtype, head_dim: int, setting: str | None) -> bool:
+    """_fa4_for, decided once per device, kind of input and LINGBOT_ATTENTION value (the key): attention runs
+    ~2000 times a chunk. Errors are not cached, so a forced fa4 that cannot run fails every call."""
+    return _fa4_for(device, dtype, head_dim)
 
 
 def _fa4_for(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
