@@ -45,6 +45,10 @@ def test_bench_reports_every_figure(tiny_engine, tmp_path) -> None:
     assert 2 <= first < chunks and all(cached[first:]) and not any(cached[:first])
     assert res["condition_cached_chunks"] == list(range(first, chunks))
     assert math.isfinite(res["median_condition_cached"]["dit_ms"])
+    # Before it, the encoder runs fewer layers as its first ones reach their own fixed point.
+    layers = [r["condition_layers"] for r in rows]
+    assert layers[:first] == sorted(layers[:first], reverse=True) and layers[0] > layers[first - 1] > 0, layers
+    assert layers[first:] == [0] * (chunks - first)
     json.dumps(res)  # the --json output
     lat = torch.load(tmp_path / "lat.pt")
     assert lat.shape == (16, 3 * chunks, 6, 8)

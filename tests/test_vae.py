@@ -42,32 +42,50 @@ def test_streamed_condition_equals_one_shot_encode(svae: StreamingVAE) -> None:
     torch.testing.assert_close(streamed, ref, rtol=0, atol=1e-6)
 
 
-def test_condition_encode_stops_at_the_exact_fixed_point(svae: StreamingVAE, monkeypatch) -> None:
-    """Past the encoder's receptive field the zero-frame chunks repeat; they are then served without encoding,
-    and every chunk still equals diffusers' one-shot encode of the whole clip."""
+def _streamed_condition(svae: StreamingVAE, img: torch.Tensor, n: int) -> tuple[list, list[int]]:
+    svae.start_condition(img)
+    chunks, layers_run = [], []
+    for _ in range(n):
+        chunks.append(svae.next_condition_chunk())
+        layers_run.append(svae.condition_layers_run[0])
+        assert svae.condition_at_fixed_point == (layers_run[-1] == 0)
+    return chunks, layers_run
+
+
+def test_condition_encode_skips_the_layers_at_their_fixed_point(svae: StreamingVAE) -> None:
+    """Past the encoder's receptive field the zero-frame chunks repeat, the first layers first: those layers are
+    skipped, then the whole encoder, and every chunk still equals diffusers' one-shot encode of the whole clip."""
     n = 12
     img = _image(5)
     ref = svae.encode_condition(img, n)
-    calls = []
-    real_step = svae._encoder_step
-    monkeypatch.setattr(svae, "_encoder_step", lambda frames: calls.append(1) or real_step(frames))
-    svae.start_condition(img)
-    chunks, encoded_per_chunk = [], []
-    for _ in range(n):
-        before = len(calls)
-        chunks.append(svae.next_condition_chunk())
-        encoded_per_chunk.append(len(calls) - before)
-        assert svae.condition_at_fixed_point == (encoded_per_chunk[-1] == 0)
+    chunks, layers_run = _streamed_condition(svae, img, n)
+    total = svae.condition_layers_run[1]
     torch.testing.assert_close(torch.cat(chunks, 1), ref, rtol=0, atol=1e-6)
-    frozen_from = encoded_per_chunk.index(0)  # first chunk served from the fixed point
-    assert 2 <= frozen_from < n, encoded_per_chunk
-    assert all(e == 0 for e in encoded_per_chunk[frozen_from:])
+    assert layers_run[:3] == [total] * 3, layers_run  # chunk 2 is the first that can be compared with one
+    assert layers_run == sorted(layers_run, reverse=True), layers_run  # a layer once skipped stays skipped
+    assert any(0 < r < total for r in layers_run), layers_run  # the first layers went before the whole encoder
+    frozen_from = layers_run.index(0)  # first chunk served from the whole encoder's fixed point
+    assert 3 <= frozen_from < n, layers_run
     # the chunks just before the freeze still differed: the image's influence had to die out first
     assert not torch.equal(chunks[1], chunks[frozen_from])
     # a new job starts from scratch: the image is encoded again, not served from the old fixed point
     svae.start_condition(_image(6))
     assert not torch.equal(svae.next_condition_chunk(), chunks[0])
-    assert not svae.condition_at_fixed_point
+    assert svae.condition_layers_run == (total, total)
+
+
+def test_condition_encode_skips_only_what_the_comparison_proves(svae: StreamingVAE, monkeypatch) -> None:
+    """The reference comparison above can fail: a comparison that calls every cache slot unchanged from the
+    first check on makes later chunks come out wrong."""
+    import worker.models.vae as vae_module
+
+    n = 8
+    img = _image(5)
+    ref = svae.encode_condition(img, n)
+    monkeypatch.setattr(vae_module, "_same_slots", lambda a, b: torch.ones(len(a), dtype=torch.bool))
+    chunks, layers_run = _streamed_condition(svae, img, n)
+    assert layers_run[3:] == [0] * (n - 3), layers_run
+    assert not torch.allclose(torch.cat(chunks, 1), ref, rtol=0, atol=1e-6)
 
 
 def test_condition_mask_and_normalisation(svae: StreamingVAE) -> None:

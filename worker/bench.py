@@ -141,6 +141,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
                 "dit_ms": out.stats["dit_ms"], "decode_ms": out.stats["decode_ms"], "encode_ms": (now - t0) * 1e3,
                 "chunk_ms": (now - t_prev) * 1e3, "dit_tflop": flops / 1e12,
                 "condition_cached": bool(out.stats.get("condition_cached", 0.0)),
+                "condition_layers": int(out.stats.get("condition_layers", 0)),
             })
             t_prev = now
             if save_latents is not None:
@@ -194,10 +195,11 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
 def print_table(res: dict) -> None:
     print(f"\n{res['model']} on {res['ranks']} x {res['device']}  {res['width']}x{res['height']}  "
           f"window {res['kv_window']} + sink {res['kv_sink']}  attention {res['attention']}")
-    print(f"{'chunk':>5} {'kv':>3} {'dit ms':>9} {'decode ms':>9} {'encode ms':>9} {'chunk ms':>9}  cond")
+    print(f"{'chunk':>5} {'kv':>3} {'dit ms':>9} {'decode ms':>9} {'encode ms':>9} {'chunk ms':>9}  condition encoder")
     for r in res["rows"]:
+        cond = "fixed point" if r["condition_cached"] else f"{r['condition_layers']} layers"
         print(f"{r['chunk']:>5} {r['kv_frames']:>3} {r['dit_ms']:>9.1f} {r['decode_ms']:>9.1f} "
-              f"{r['encode_ms']:>9.1f} {r['chunk_ms']:>9.1f}  {'fixed' if r['condition_cached'] else 'encoded'}")
+              f"{r['encode_ms']:>9.1f} {r['chunk_ms']:>9.1f}  {cond}")
     m = res["median"]
     print(f"steady (chunks {res['steady_chunks'][0]}..{res['steady_chunks'][-1]}): DiT median {m['dit_ms']:.1f} ms, "
           f"decode {m['decode_ms']:.1f} ms (wall, overlapped), encode {m['encode_ms']:.1f} ms, "

@@ -69,7 +69,7 @@ class ChunkOutput:
     frame_start: int  # index of the first pixel frame of this chunk in the whole video
     video: torch.Tensor | None  # [3, T, H, W] in [-1, 1], on the engine's device (None if job.decode is False)
     latents: torch.Tensor  # [16, 3, H/8, W/8] fp32, the chunk's clean x0
-    stats: dict[str, float] = field(default_factory=dict)  # dit_ms, decode_ms, condition_cached
+    stats: dict[str, float] = field(default_factory=dict)  # dit_ms, decode_ms, condition_cached, condition_layers
 
 
 def _mark(device: torch.device):
@@ -146,8 +146,8 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
     Nothing here waits for the GPU: x0 is yielded as soon as its work is queued, so the CPU prepares the next
     chunk while the GPU still runs this one instead of the GPU idling at every chunk boundary. Whoever reads x0
     first waits with _wait_ms(*marks), which also gives the chunk's DiT time (GPU time between the two marks).
-    stats: condition_cached on the leader (1.0 when the image condition came from the encoder's fixed point
-    instead of an encode, see StreamingVAE.next_condition_chunk)."""
+    stats on the leader: condition_cached (1.0 when the image condition came from the encoder's fixed point
+    instead of an encode) and condition_layers (encoder layers run for it; see StreamingVAE.next_condition_chunk)."""
     dit, sp, dev = engine.dit, engine.sp, engine.device
     leader = sp.is_leader
     sched = dmd_schedule()
@@ -187,7 +187,8 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
             t0 = _mark(dev)
             y_shape = (1, MASK_CHANNELS + VAE_Z_DIM, CHUNK_LATENT_FRAMES, lat_h, lat_w)
             y = _share(engine, next(conditions) if leader else None, y_shape, torch.float32)
-            cached = float(leader and engine.vae.condition_at_fixed_point)
+            cond = {"condition_cached": float(engine.vae.condition_at_fixed_point),
+                    "condition_layers": float(engine.vae.condition_layers_run[0])} if leader else {}
             f0 = c * CHUNK_LATENT_FRAMES
             ctx = dit.prepare_chunk(next(cameras), f0, cache, sp)
             x = noise[:, :, f0 : f0 + CHUNK_LATENT_FRAMES]
@@ -203,7 +204,7 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
             del ctx
             at_boundary = True
             last_done = c
-            yield c, x0, {"condition_cached": cached}, (t0, _mark(dev))
+            yield c, x0, cond, (t0, _mark(dev))
         finished = True
     finally:
         if sp.enabled and not finished:
