@@ -1,9 +1,11 @@
-# A/B on one lent GPU machine, same call: the tree at REV ("old", unpacked to _old/) and the working tree ("new").
-#   source scripts/device_env.sh && source scripts/device_fa4.sh && REV=<commit> RANKS=1 bash scripts/ab_bench.sh
+# A/B on one lent GPU machine, same call: the old tree in _old/ and the working tree ("new").
+#   here:  rm -rf _old && mkdir _old && git archive <old commit> worker | tar -x -C _old   (then carry "_old":
+#          the machine's copy of .git may not have the newest commits)
+#   there: source scripts/device_env.sh && source scripts/device_fa4.sh && RANKS=1 bash scripts/ab_bench.sh
 # Writes $OUT/{old,new}.json and prints the latents' relative difference (0 = the same numbers).
 set -e
-REV=${REV:?set REV to the old commit}; RANKS=${RANKS:-1}; CHUNKS=${CHUNKS:-14}
-rm -rf _old && mkdir _old && git archive "$REV" worker | tar -x -C _old
+RANKS=${RANKS:-1}; CHUNKS=${CHUNKS:-14}
+[ -d _old/worker ] || { echo "no _old/worker: unpack the old tree and carry it"; exit 1; }
 args="bench --model lingbot-world-fast --device cuda --chunks $CHUNKS --warmup-chunks 0 --ranks $RANKS"
 (cd _old && PYTHONPATH=$PWD:$PYTHONPATH python3 -m worker $args --save-latents /tmp/lat_old.pt --json $OUT/old.json)
 python3 -m worker $args --save-latents /tmp/lat_new.pt --json $OUT/new.json
