@@ -295,3 +295,18 @@ def test_upsampling_in_bf16_is_bit_identical(monkeypatch) -> None:
         return out
 
     _assert_streamed_decode_equal(plain, patched, watch)
+
+
+def test_full_size_encoder_skips_its_first_stages_early() -> None:
+    """The full-size architecture (random weights, 16x16 pixels, fp32 CPU): the schedule docs/MODEL.md gives, and
+    still diffusers' one-shot encode chunk for chunk."""
+    svae = StreamingVAE(build_vae(PRESETS["lingbot-world-fast"].vae, torch.float32, "cpu", seed=0))
+    n = 13
+    img = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    ref = svae.encode_condition(img, n)
+    chunks, layers_run = _streamed_condition(svae, img, n)
+    torch.testing.assert_close(torch.cat(chunks, 1), ref, rtol=0, atol=1e-5)
+    assert svae.condition_layers_run[1] == 14
+    # 14 layers in chunks 0-2; the full-resolution stage (conv_in, two blocks, the downsampler) skipped from chunk 3,
+    # every stage but the last from chunk 5, the whole encoder from chunk 11
+    assert layers_run == [14, 14, 14, 7, 7, 4, 4, 4, 4, 4, 1, 0, 0], layers_run
