@@ -13,7 +13,6 @@ import os
 import tempfile
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from worker.bench import _bench_job

@@ -3,7 +3,6 @@ call of an instance), and the batch/webhook core (worker/webhook.py) against a c
 
 from __future__ import annotations
 
-import base64
 import importlib
 import io
 import json

@@ -77,12 +77,12 @@ def test_condition_encode_skips_the_layers_at_their_fixed_point(svae: StreamingV
 def test_condition_encode_skips_only_what_the_comparison_proves(svae: StreamingVAE, monkeypatch) -> None:
     """The reference comparison above can fail: a comparison that calls every cache slot unchanged from the
     first check on makes later chunks come out wrong."""
-    import worker.models.vae as vae_module
+    import worker.models.condition_stream as condition_stream
 
     n = 8
     img = _image(5)
     ref = svae.encode_condition(img, n)
-    monkeypatch.setattr(vae_module, "_same_slots", lambda a, b: torch.ones(len(a), dtype=torch.bool))
+    monkeypatch.setattr(condition_stream, "_same_slots", lambda a, b: torch.ones(len(a), dtype=torch.bool))
     chunks, layers_run = _streamed_condition(svae, img, n)
     assert layers_run[3:] == [0] * (n - 3), layers_run
     assert not torch.allclose(torch.cat(chunks, 1), ref, rtol=0, atol=1e-6)
