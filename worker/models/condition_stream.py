@@ -13,9 +13,10 @@ import functools
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import CACHE_T, WanResample
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
 
 from worker.config import MASK_CHANNELS, VAE_STRIDE, VAE_Z_DIM, pixel_frames_for_chunk
+from worker.models.causal_conv import cached_causal_conv
 
 if TYPE_CHECKING:
     from worker.models.vae import StreamingVAE
@@ -61,20 +62,10 @@ class ConditionStream:
         enc = self.vae.encoder
         cache, idx = self.vae._enc_feat_map, self.vae._enc_conv_idx
 
-        def cached_conv(conv, x):  # conv_in / conv_out: diffusers' inline caching around a causal conv
-            i = idx[0]
-            cache_x = x[:, :, -CACHE_T:].clone()
-            if cache_x.shape[2] < 2 and cache[i] is not None:
-                cache_x = torch.cat([cache[i][:, :, -1:].to(cache_x.device), cache_x], dim=2)
-            x = conv(x, cache[i])
-            cache[i] = cache_x
-            idx[0] += 1
-            return x
-
         def head(x):
-            return cached_conv(enc.conv_out, enc.nonlinearity(enc.norm_out(x)))
+            return cached_causal_conv(enc.conv_out, enc.nonlinearity(enc.norm_out(x)), cache, idx)
 
-        return [functools.partial(cached_conv, enc.conv_in),
+        return [functools.partial(cached_causal_conv, enc.conv_in, feat_cache=cache, feat_idx=idx),
                 *(functools.partial(layer, feat_cache=cache, feat_idx=idx) for layer in enc.down_blocks),
                 functools.partial(enc.mid_block, feat_cache=cache, feat_idx=idx),
                 head]

@@ -19,10 +19,8 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import (
-    CACHE_T,
     WanCausalConv3d,
     WanDecoder3d,
     WanRMS_norm,
@@ -31,6 +29,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 
 from worker.config import MASK_CHANNELS, VAE_Z_DIM, pixel_frames_for_chunk
+from worker.models.causal_conv import cached_causal_conv, causal_conv3d
 from worker.models.condition_stream import ConditionStream
 from worker.models.fused import conv_bias_residual, conv_bias_rms_norm, wan_rms_norm
 
@@ -216,7 +215,7 @@ def _pad_inside_convs(vae: AutoencoderKLWan) -> None:
     same products: only the order cuDNN sums them in may differ."""
     for m in vae.modules():
         if isinstance(m, WanCausalConv3d):
-            m.forward = functools.partial(_causal_conv3d, m)
+            m.forward = functools.partial(causal_conv3d, m)
 
 
 def _upsample_in_own_dtype(vae: AutoencoderKLWan) -> None:
@@ -230,19 +229,6 @@ def _upsample_in_own_dtype(vae: AutoencoderKLWan) -> None:
             m.forward = functools.partial(torch.nn.Upsample.forward, m)
 
 
-def _causal_conv3d(
-    m: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None, bias: bool = True
-) -> torch.Tensor:
-    """WanCausalConv3d.forward with the spatial padding inside the conv; bias=False leaves m.bias for the caller."""
-    pw, _, ph, _, pt, _ = m._padding  # (w, w, h, h, 2 * t_pad, 0): causal in time, symmetric in space
-    if cache_x is not None and pt > 0:
-        x = torch.cat([cache_x.to(x.device), x], dim=2)
-        pt -= cache_x.shape[2]
-    if pt > 0:
-        x = F.pad(x, (0, 0, 0, 0, pt, 0))
-    return F.conv3d(x, m.weight, m.bias if bias else None, m.stride, (0, ph, pw), m.dilation, m.groups)
-
-
 def _fuse_residual_blocks(vae: AutoencoderKLWan) -> None:
     """Own the forward of every WanResidualBlock (with diffusers' SiLU) so its convs' biases cost no pass of their own.
 
@@ -252,7 +238,7 @@ def _fuse_residual_blocks(vae: AutoencoderKLWan) -> None:
     one "conv2 + bias + shortcut" kernel, which also replaces the block's residual add. Same sums in the same order
     as cuDNN's path: (conv + bias), then the rest; CPU convs start their sums from the bias instead, so there this
     is not bit for bit diffusers (tests/test_vae.py compares the two under cuDNN's order).
-    The convs pad inside cuDNN (_causal_conv3d) whatever LINGBOT_VAE_CONV_PAD says. Runs before _fuse_rms_norms
+    The convs pad inside cuDNN (causal_conv3d) whatever LINGBOT_VAE_CONV_PAD says. Runs before _fuse_rms_norms
     (_fuse_norm_passes), which then leaves these blocks' SiLU as it is (their norm1/norm2 are no longer called)."""
     for m in vae.modules():
         if isinstance(m, WanResidualBlock) and isinstance(m.nonlinearity, torch.nn.SiLU):
@@ -263,33 +249,13 @@ def _fused_residual_forward(
     m: WanResidualBlock, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list[int] | None = None
 ) -> torch.Tensor:
     # diffusers' WanResidualBlock.forward step for step; only where the convs' biases are added changes (and
-    # which cache copies are made: _cached_conv_without_bias).
+    # which cache copies are made: cached_causal_conv).
     h = m.conv_shortcut(x)  # 1x1x1 conv (keeps its bias) or the identity
     x = wan_rms_norm(x, m.norm1.gamma, m.norm1.scale, m.norm1.bias, True)
-    x = _cached_conv_without_bias(m.conv1, x, feat_cache, feat_idx)
+    x = cached_causal_conv(m.conv1, x, feat_cache, feat_idx, bias=False)
     x = conv_bias_rms_norm(x, m.conv1.bias, m.norm2.gamma, m.norm2.scale, m.norm2.bias, True)
-    x = _cached_conv_without_bias(m.conv2, m.dropout(x), feat_cache, feat_idx)
+    x = cached_causal_conv(m.conv2, m.dropout(x), feat_cache, feat_idx, bias=False)
     return conv_bias_residual(x, m.conv2.bias, h)
-
-
-def _cached_conv_without_bias(
-    conv: WanCausalConv3d, x: torch.Tensor, feat_cache: list | None, feat_idx: list[int] | None
-) -> torch.Tensor:
-    """conv(x) without its bias, behind the frames cached for it; then cache x's last CACHE_T frames, by diffusers'
-    rule: when x is shorter, the previous cache's last frame goes in front."""
-    if feat_cache is None:
-        return _causal_conv3d(conv, x, bias=False)
-    idx = feat_idx[0]
-    cache_x = x[:, :, -CACHE_T:]
-    if cache_x.shape[2] < CACHE_T and feat_cache[idx] is not None:
-        cache_x = torch.cat([feat_cache[idx][:, :, -1:].to(x.device), cache_x], dim=2)
-    elif x.shape[2] > CACHE_T:
-        cache_x = cache_x.clone()  # a view would keep all of x alive until the next call
-    # else the cache is all of x, which nothing writes to: diffusers' clone of it would be a copy for nothing
-    out = _causal_conv3d(conv, x, feat_cache[idx], bias=False)
-    feat_cache[idx] = cache_x
-    feat_idx[0] += 1
-    return out
 
 
 __all__ = ["StreamingVAE", "build_vae", "load_vae", "CONDITION_CHANNELS"]
