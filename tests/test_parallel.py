@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from worker.engine import Engine
 from worker.parallel.pool import RankFailure, RankPool
-from worker.parallel.sp import SequenceParallel, leader_share_for
+from worker.parallel.sp import SequenceParallel, consecutive_slices, leader_share_for
 from worker.rollout import RolloutJob
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def test_split_gives_the_leader_its_share_and_everyone_something():
     assert share == pytest.approx(0.46)
     sp = SequenceParallel(0, 2, leader_share=share)
     assert sp.split(4680) == [2153, 2527] and sp.split(40) == [18, 22]
-    assert SequenceParallel(1, 2, leader_share=share).head_slice(40) == slice(18, 40)
+    assert consecutive_slices(SequenceParallel(1, 2, leader_share=share).split(40))[1] == slice(18, 40)
     # a decode so costly that the leader would get nothing still leaves it one head and one token
     many = SequenceParallel(0, 8, leader_share=leader_share_for(8, 0.5))
     assert many.split(40)[0] == 1 and sum(many.split(40)) == 40 and min(many.split(40)) >= 1
@@ -80,22 +80,27 @@ def _a2a_worker(rank: int, world: int, port: int) -> None:
         full = torch.arange(2 * s * h * 3, dtype=torch.float32).reshape(2, 1, s, h, 3)  # [k/v, B, S, H, D]
         shard = sp.shard(full, dim=2)
         assert shard.shape[2] == sp.local(s)
-        heads = sp.seq_to_heads(shard, true_len=s)
-        assert torch.equal(heads, full[:, :, :, sp.head_slice(h)])  # all tokens, this rank's heads
-        q = sp.seq_to_heads(shard[0], true_len=s)  # batch of one: received in place, no reassembly
-        assert torch.equal(q, full[0, :, :, sp.head_slice(h)])
-        assert torch.equal(sp.heads_to_seq(q, h), shard[0])
+        mine = consecutive_slices(sp.split(h))[rank]
+
+        def seq_to_heads(x: torch.Tensor) -> torch.Tensor:
+            return sp.seq_to_heads_async(sp.pack_heads(x), x.shape, s)()
+
+        heads = seq_to_heads(shard)  # two leading dims: the received blocks are reassembled
+        assert torch.equal(heads, full[:, :, :, mine])  # all tokens, this rank's heads
+        q = seq_to_heads(shard[0])  # batch of one: received in place, no reassembly
+        assert torch.equal(q, full[0, :, :, mine])
+        assert torch.equal(torch.cat(sp.heads_to_seq_parts(q, h), -2), shard[0])
         parts = sp.heads_to_seq_parts(q, h)  # one block per rank's head group, in head order
         assert [p.shape[-2] for p in parts] == sp.split(h) and torch.equal(torch.cat(parts, -2), shard[0])
         assert torch.equal(sp.gather(shard[0], s), full[0])
         # Received in place: the exchange writes into the caller's buffer (a K/V cache slot) and returns it.
         slot = torch.full((1, s, sp.local(h), 3), -1.0)
         got = sp.seq_to_heads_async(sp.pack_heads(shard[0]), shard[0].shape, s, out=slot)()
-        assert got.data_ptr() == slot.data_ptr() and torch.equal(slot, full[0, :, :, sp.head_slice(h)])
+        assert got.data_ptr() == slot.data_ptr() and torch.equal(slot, full[0, :, :, mine])
         # A slot that is not one contiguous block still gets the right values, through a copy.
         wide = torch.full((1, s, sp.local(h), 6), -1.0)
         got = sp.seq_to_heads_async(sp.pack_heads(shard[0]), shard[0].shape, s, out=wide[..., :3])()
-        assert torch.equal(wide[..., :3], full[0, :, :, sp.head_slice(h)]) and (wide[..., 3:] == -1).all()
+        assert torch.equal(wide[..., :3], full[0, :, :, mine]) and (wide[..., 3:] == -1).all()
     dist.destroy_process_group()
 
 

@@ -71,9 +71,6 @@ class SequenceParallel:
         """This rank's count of `total` (e.g. the heads its K/V cache holds)."""
         return self.split(total)[self.rank]
 
-    def head_slice(self, num_heads: int) -> slice:
-        return consecutive_slices(self.split(num_heads))[self.rank]
-
     # --- token sharding -------------------------------------------------------------------------------
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's slice of the token axis."""
@@ -97,7 +94,7 @@ class SequenceParallel:
         return torch.cat([p.narrow(dim, 0, c) for p, c in zip(parts, counts)], dim=dim)
 
     # --- Ulysses all-to-all -----------------------------------------------------------------------------
-    # The send side of seq_to_heads is a flat buffer in "packed" order: for each rank j in turn, this rank's
+    # The send side of seq_to_heads_async is a flat buffer in "packed" order: for each rank j in turn, this rank's
     # tokens with rank j's heads ([*lead, s, heads[j], D], contiguous). The DiT's fused norm/RoPE kernel and its
     # head-split v projection write that order directly (worker/models/dit.py), so no copy is needed to send.
     def pack_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,15 +105,6 @@ class SequenceParallel:
         for part, hs in zip(send.split([math.prod(lead) * s * hj * d for hj in heads]), consecutive_slices(heads)):
             part.view(*lead, s, hs.stop - hs.start, d).copy_(x[..., hs, :])
         return send
-
-    def seq_to_heads(self, x: torch.Tensor, true_len: int) -> torch.Tensor:
-        """[..., s, H, D] (this rank's tokens, all heads) -> [..., S, h, D] (all tokens, this rank's heads).
-
-        Leading dims are kept, so k and v stacked as [2, B, s, H, D] travel in one collective.
-        """
-        if not self.enabled:
-            return x
-        return self.seq_to_heads_async(self.pack_heads(x), x.shape, true_len)()
 
     def seq_to_heads_async(self, send: torch.Tensor, shape: torch.Size | tuple[int, ...], true_len: int,
                            out: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
@@ -169,11 +157,6 @@ class SequenceParallel:
         recv_sizes = [s * b * hj * d for hj in heads]
         dist.all_to_all_single(recv, send, recv_sizes, [tj * b * mine * d for tj in tokens], group=self.group)
         return [part.view(s, *lead, hj, d).movedim(0, -3) for part, hj in zip(recv.split(recv_sizes), heads)]
-
-    def heads_to_seq(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
-        """[..., S, h, D] (all tokens, this rank's heads) -> [..., s, H, D] (this rank's tokens, all heads)."""
-        parts = self.heads_to_seq_parts(x, num_heads)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.enabled:
