@@ -131,11 +131,11 @@ class RankPool:
             raw = os.environ.get("LINGBOT_SP_DECODE_COST", str(DEFAULT_DECODE_COST))
             try:
                 decode_cost = float(raw)
-                share = leader_share_for(ranks, decode_cost)
+                if not 0 <= decode_cost < 1:
+                    raise ValueError(raw)
             except ValueError:
                 raise ValueError(f"LINGBOT_SP_DECODE_COST: {raw!r} is not a number in [0, 1)") from None
-        else:
-            share = leader_share_for(ranks, decode_cost)
+        share = leader_share_for(ranks, decode_cost)
         os.environ.update(MULTICAST_OFF)  # inherited by the spawned ranks
         if device.startswith("cuda") and torch.cuda.device_count() < ranks:
             raise ValueError(f"ranks: {ranks} GPUs asked for, {torch.cuda.device_count()} visible")
