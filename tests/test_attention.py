@@ -149,3 +149,29 @@ def test_sdpa_setting_never_touches_fa4(monkeypatch) -> None:
     FakeGPU(monkeypatch, major=9, fa4_error=AssertionError("FA4 touched"))
     monkeypatch.setenv("LINGBOT_ATTENTION", "sdpa")
     assert not attn._fa4_for(CUDA, torch.bfloat16, 128)
+
+
+def test_auto_sends_short_key_sequences_to_cudnn_and_long_ones_to_fa4(monkeypatch) -> None:
+    """The cross-attention's 512 text keys are faster on cuDNN than on FA4 (docs/PERFORMANCE.md v16)."""
+    seen = []
+
+    def use_fa4(*key):
+        return True
+
+    use_fa4.cache_clear = lambda: None  # the fixture clears the real cache around each test
+
+    def fa4(q, k, v):
+        seen.append(k.shape[1])
+        return torch.full_like(q, 7.0), None  # recognisably not attention
+
+    monkeypatch.setattr(attn, "_use_fa4", use_fa4)
+    monkeypatch.setattr(attn, "_fa4_call", lambda: fa4)
+    short = _qkv(lk=attn.SHORT_KEYS)
+    want = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in short)).transpose(1, 2)
+    torch.testing.assert_close(attn.attention(*short), want)
+    assert seen == []
+    assert torch.equal(attn.attention(*_qkv(lk=attn.SHORT_KEYS + 1)), torch.full((2, 7, 3, 16), 7.0))
+    assert seen == [attn.SHORT_KEYS + 1]
+    monkeypatch.setenv("LINGBOT_ATTENTION", "fa4")  # forced: every unmasked call, for A/B runs
+    attn.attention(*short)
+    assert seen == [attn.SHORT_KEYS + 1, attn.SHORT_KEYS]
