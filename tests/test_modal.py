@@ -251,3 +251,31 @@ def test_batch_submit_and_signed_delivery_of_a_real_result(modal_app, tiny_env, 
         modal_app.submit_batch({"jobs": [_req()], "callback_url": cb.url}, env={"LINGBOT_ALLOW_PRIVATE_URLS": "1"},
                                spawn=spawn, deliver=lambda *a: None)
     assert e.value.field == "callback_url"
+
+
+def test_kernels_compiled_at_start_are_committed_to_the_volume(modal_app, monkeypatch, caplog):
+    """The image points LINGBOT_COMPILE_CACHE into the model volume; a container's writes reach later containers
+    only through a commit, and a failed commit must not fail the start."""
+    assert modal_app.RUNTIME_ENV["LINGBOT_COMPILE_CACHE"].startswith(modal_app.MODELS_DIR + "/")
+    commits = []
+
+    class Volume:
+        def __init__(self, error=None):
+            self.error = error
+
+        def commit(self):
+            commits.append(1)
+            if self.error:
+                raise self.error
+
+    monkeypatch.setattr(modal_app, "volume", Volume())
+    monkeypatch.setenv("LINGBOT_COMPILE_CACHE", modal_app.RUNTIME_ENV["LINGBOT_COMPILE_CACHE"])
+    modal_app._commit_compile_cache()
+    assert commits == [1]
+    monkeypatch.setenv("LINGBOT_COMPILE_CACHE", "/tmp/elsewhere")  # not on the volume: nothing to commit
+    modal_app._commit_compile_cache()
+    assert commits == [1]
+    monkeypatch.setattr(modal_app, "volume", Volume(RuntimeError("volume busy")))
+    monkeypatch.setenv("LINGBOT_COMPILE_CACHE", modal_app.RUNTIME_ENV["LINGBOT_COMPILE_CACHE"])
+    modal_app._commit_compile_cache()
+    assert commits == [1, 1] and "compile cache not committed to the volume: volume busy" in caplog.text
