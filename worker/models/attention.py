@@ -47,7 +47,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """[B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D]."""
     setting = os.environ.get("LINGBOT_ATTENTION")
     if mask is None and _use_fa4(q.device, q.dtype, q.shape[-1], setting):
-        if k.shape[1] > SHORT_KEYS or (setting or "").strip().lower() == "fa4":
+        if k.shape[1] > SHORT_KEYS or backend_setting() == "fa4":
             return _fa4_call()(q, k, v)[0]
         with sdpa_kernel(_CUDNN_FIRST, set_priority=True):
             return _sdpa(q, k, v, None)

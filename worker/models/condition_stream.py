@@ -45,8 +45,9 @@ class ConditionStream:
         # are small (a quarter of the full-resolution ones or less).
         self._cuts = frozenset(1 + i for i, m in enumerate(enc.down_blocks) if isinstance(m, WanResample))
         self._cuts |= {len(enc.down_blocks) + 1}
-        self.num_layers = len(enc.down_blocks) + 3  # conv_in, the down blocks, the mid block, the head
-        self._slots: list[tuple[int, int]] | None = None  # cache slots [first, end) of each encoder layer
+        self.num_layers = encoder_layer_count(enc)
+        self._segments = self._encoder_segments()
+        self._slots: list[tuple[int, int]] = []  # cache slots [first, end) of each encoder layer, learnt in chunk 0
         self._start = 0  # first layer a zero-frame chunk runs; the ones before are at their fixed point
         self._cut_out: dict[int, list] = {}  # layer -> its output per group of the last chunk it ran
         self._prev_state: list | None = None  # the cache the previous zero-frame chunk left
@@ -74,9 +75,7 @@ class ConditionStream:
         """Each group of frames through the encoder's layers from `start` on, in diffusers' order (group by
         group, every layer on the same cache). start > 0 takes the saved output of layer start-1 per group
         instead of `groups` (see next); keep_cuts saves the cut layers' outputs for that."""
-        segments = self._encoder_segments()
-        if self._slots is None:  # first call of the job: learn which cache slots each layer owns
-            self._slots = []
+        segments = self._segments
         outs, cut_out = [], {}
         for g, x in enumerate(groups):
             if start > 0:
@@ -186,6 +185,11 @@ class ConditionStream:
             mask[:, 0] = 1.0  # official msk: latent frame 0 (the given image) is known
         self._k = k + 1
         return torch.cat([mask, lat], 0)
+
+
+def encoder_layer_count(encoder) -> int:
+    """Top-level layers of a WanEncoder3d as the stream runs them: conv_in, each down block, the mid block, the head."""
+    return len(encoder.down_blocks) + 3
 
 
 _SKIPPED = object()  # a snapshot slot no longer compared (its layer is already at its fixed point)

@@ -30,7 +30,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 
 from worker.config import MASK_CHANNELS, VAE_Z_DIM, pixel_frames_for_chunk
 from worker.models.causal_conv import cached_causal_conv, causal_conv3d
-from worker.models.condition_stream import ConditionStream
+from worker.models.condition_stream import ConditionStream, encoder_layer_count
 from worker.models.fused import conv_bias_residual, conv_bias_rms_norm, wan_rms_norm
 
 # Latent channels of the DiT's condition y: 4 mask channels then the 16-channel image latent.
@@ -128,7 +128,7 @@ class StreamingVAE:
     def condition_layers_run(self) -> tuple[int, int]:
         """(encoder layers the last condition chunk ran, layers in all): less than all once its first layers
         reached their fixed point, 0 when the chunk was served from the whole encoder's fixed point."""
-        total = len(self.vae.encoder.down_blocks) + 3
+        total = encoder_layer_count(self.vae.encoder)
         return (self._cond.layers_run, total) if self._cond is not None else (0, total)
 
     @torch.no_grad()
