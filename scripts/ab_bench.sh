@@ -4,11 +4,11 @@
 #   there: source scripts/device_env.sh && source scripts/device_fa4.sh && RANKS=1 bash scripts/ab_bench.sh
 # Writes $OUT/{old,new}.json and prints the latents' relative difference (0 = the same numbers).
 set -e
-RANKS=${RANKS:-1}; CHUNKS=${CHUNKS:-14}
+RANKS=${RANKS:-1}; CHUNKS=${CHUNKS:-14}; LAT=${LAT:-/tmp}  # LAT: where the latents go (two A/Bs at once need two)
 [ -d _old/worker ] || { echo "no _old/worker: unpack the old tree and carry it"; exit 1; }
 args="bench --model lingbot-world-fast --device cuda --chunks $CHUNKS --warmup-chunks 0 --ranks $RANKS"
-(cd _old && PYTHONPATH=$PWD:$PYTHONPATH python3 -m worker $args --save-latents /tmp/lat_old.pt --json $OUT/old.json)
-python3 -m worker $args --save-latents /tmp/lat_new.pt --json $OUT/new.json
+(cd _old && PYTHONPATH=$PWD:$PYTHONPATH python3 -m worker $args --save-latents $LAT/lat_old.pt --json $OUT/old.json)
+python3 -m worker $args --save-latents $LAT/lat_new.pt --json $OUT/new.json
 python3 -c "
-import torch; a, b = torch.load('/tmp/lat_old.pt'), torch.load('/tmp/lat_new.pt')
+import torch; a, b = torch.load('$LAT/lat_old.pt'), torch.load('$LAT/lat_new.pt')
 print('latents new vs old: relative L2 %.3e, bit-identical %s' % (((a - b).norm() / a.norm()).item(), torch.equal(a, b)))"

@@ -141,8 +141,8 @@ def test_packed_norm_rope_is_the_exchange_send_layout():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(1, 5, 4 * 6, generator=g), torch.rand(4 * 6, generator=g) + 0.5
     cos, sin = torch.rand(5, 3, generator=g), torch.rand(5, 3, generator=g)
-    sp = SequenceParallel(0, 2, leader_share=0.25)  # head groups [1, 3]
-    assert sp.split(4) == [1, 3]
+    sp = SequenceParallel(0, 2, leader_head_share=0.25)  # head groups [1, 3]
+    assert sp.split_heads(4) == (1, 3)
     want = sp.pack_heads(rms_norm_rope(x, w, 1e-6, cos, sin, 4))
     assert torch.equal(rms_norm_rope_packed(x, w, 1e-6, cos, sin, (1, 3)), want)
     assert not torch.equal(rms_norm_rope_packed(x, w, 1e-6, cos, sin, (2, 2)), want)

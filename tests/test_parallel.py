@@ -50,19 +50,24 @@ def test_all_to_all_round_trip_even_and_uneven_splits(world: int):
 
 def test_split_gives_the_leader_its_share_and_everyone_something():
     even = SequenceParallel(0, 2)
-    assert even.split(4680) == [2340, 2340] and even.split(5) == [2, 3]
+    assert even.split_tokens(4680) == (2340, 2340) and even.split_tokens(5) == (2, 3)
     share = leader_share_for(2, 0.08)
     assert share == pytest.approx(0.46)
     sp = SequenceParallel(0, 2, leader_share=share)
-    assert sp.split(4680) == [2153, 2527] and sp.split(40) == [18, 22]
-    assert consecutive_slices(SequenceParallel(1, 2, leader_share=share).split(40))[1] == slice(18, 40)
+    assert sp.split_tokens(4680) == (2153, 2527)
+    # heads stay even unless asked: the attention kernel runs whole waves, one extra head can cost a wave
+    assert sp.split_heads(40) == (20, 20) and SequenceParallel(0, 4, leader_share=0.2).split_heads(40) == (10,) * 4
+    assert SequenceParallel(0, 3).split_heads(40) == (13, 14, 13)
+    uneven = SequenceParallel(1, 2, leader_share=share, leader_head_share=share)
+    assert uneven.split_heads(40) == (18, 22) and uneven.local_heads(40) == 22
+    assert consecutive_slices(uneven.split_heads(40))[1] == slice(18, 40)
     # a decode so costly that the leader would get nothing still leaves it one head and one token
     many = SequenceParallel(0, 8, leader_share=leader_share_for(8, 0.5))
-    assert many.split(40)[0] == 1 and sum(many.split(40)) == 40 and min(many.split(40)) >= 1
+    assert many.split_tokens(40)[0] == 1 and sum(many.split_tokens(40)) == 40 and min(many.split_tokens(40)) >= 1
     with pytest.raises(ValueError, match="decode cost"):
         leader_share_for(2, 1.5)
     with pytest.raises(ValueError, match="over 8 ranks"):
-        many.split(5)
+        many.split_tokens(5)
 
 
 def _port() -> int:
@@ -76,11 +81,11 @@ def _port() -> int:
 def _a2a_worker(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     for sp, (s, h) in ((SequenceParallel(rank, world), (5, 4)),
-                       (SequenceParallel(rank, world, leader_share=0.3), (7, 5))):
+                       (SequenceParallel(rank, world, leader_share=0.3, leader_head_share=0.3), (7, 5))):
         full = torch.arange(2 * s * h * 3, dtype=torch.float32).reshape(2, 1, s, h, 3)  # [k/v, B, S, H, D]
         shard = sp.shard(full, dim=2)
-        assert shard.shape[2] == sp.local(s)
-        mine = consecutive_slices(sp.split(h))[rank]
+        assert shard.shape[2] == sp.split_tokens(s)[rank]
+        mine = consecutive_slices(sp.split_heads(h))[rank]
 
         def seq_to_heads(x: torch.Tensor) -> torch.Tensor:
             return sp.seq_to_heads_async(sp.pack_heads(x), x.shape, s)()
@@ -91,14 +96,14 @@ def _a2a_worker(rank: int, world: int, port: int) -> None:
         assert torch.equal(q, full[0, :, :, mine])
         assert torch.equal(torch.cat(sp.heads_to_seq_parts(q, h), -2), shard[0])
         parts = sp.heads_to_seq_parts(q, h)  # one block per rank's head group, in head order
-        assert [p.shape[-2] for p in parts] == sp.split(h) and torch.equal(torch.cat(parts, -2), shard[0])
+        assert tuple(p.shape[-2] for p in parts) == sp.split_heads(h) and torch.equal(torch.cat(parts, -2), shard[0])
         assert torch.equal(sp.gather(shard[0], s), full[0])
         # Received in place: the exchange writes into the caller's buffer (a K/V cache slot) and returns it.
-        slot = torch.full((1, s, sp.local(h), 3), -1.0)
+        slot = torch.full((1, s, sp.local_heads(h), 3), -1.0)
         got = sp.seq_to_heads_async(sp.pack_heads(shard[0]), shard[0].shape, s, out=slot)()
         assert got.data_ptr() == slot.data_ptr() and torch.equal(slot, full[0, :, :, mine])
         # A slot that is not one contiguous block still gets the right values, through a copy.
-        wide = torch.full((1, s, sp.local(h), 6), -1.0)
+        wide = torch.full((1, s, sp.local_heads(h), 6), -1.0)
         got = sp.seq_to_heads_async(sp.pack_heads(shard[0]), shard[0].shape, s, out=wide[..., :3])()
         assert torch.equal(wide[..., :3], full[0, :, :, mine]) and (wide[..., 3:] == -1).all()
     dist.destroy_process_group()
@@ -116,8 +121,9 @@ def test_two_ranks_match_one_rank(decode_cost: float, window: int, fp8: bool, mo
         monkeypatch.setenv("LINGBOT_FP8", "1")  # read by Engine.load on every rank
     one = Engine.load("tiny", device="cpu", dtype=torch.float32)
     ref = _latents(one, job)
-    pool = RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60, decode_cost=decode_cost)
-    assert pool.engine.sp.local(4) == (2 if decode_cost == 0 else 1)
+    pool = RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60, decode_cost=decode_cost,
+                          head_share=0.25 if decode_cost else None)
+    assert pool.engine.sp.local_heads(4) == (2 if decode_cost == 0 else 1)
     try:
         got = _latents(pool, job)
         # fp32 on both sides: the token split changes only GEMM blocking and the attention summation order.

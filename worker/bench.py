@@ -186,9 +186,9 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
         "peak_memory_gib": [round(m / 2**30, 2) for m in peak_mem], "rows": rows,
         "torch": torch.__version__, "fp8": os.environ.get("LINGBOT_FP8") == "1",
         "attention": active_backend(dev, head_dim=cfg.head_dim),
-        # per-rank tokens of a chunk and heads (worker/parallel/sp.py: the leader takes less while it decodes)
-        "sp_split": {"tokens": engine.sp.split(chunk_tokens(cfg, height // VAE_STRIDE[1], width // VAE_STRIDE[2])),
-                     "heads": engine.sp.split(cfg.num_heads)},
+        # per-rank tokens of a chunk and heads (worker/parallel/sp.py: the leader takes fewer tokens while it decodes)
+        "sp_split": {"tokens": engine.sp.split_tokens(chunk_tokens(cfg, height // VAE_STRIDE[1], width // VAE_STRIDE[2])),
+                     "heads": engine.sp.split_heads(cfg.num_heads)},
     }
 
 

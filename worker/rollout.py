@@ -29,6 +29,7 @@ import torch
 
 from worker.camera import iter_camera_condition
 from worker.config import CHUNK_LATENT_FRAMES, VAE_STRIDE, VAE_Z_DIM, MASK_CHANNELS, pixel_frames_for_chunk
+from worker.models.dit import to_device
 from worker.models.kv_cache import KVCache
 from worker.schedule import dmd_schedule
 
@@ -167,7 +168,7 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
         total_frames=n_lat // pt,
         sink=job.kv_sink,
         window=job.kv_window,
-        heads=sp.local(dit.cfg.num_heads),
+        heads=sp.local_heads(dit.cfg.num_heads),
         head_dim=dit.cfg.head_dim,
         dtype=dit.dtype,
         device=dev,
@@ -179,6 +180,10 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
     last_done = -1
     try:
         for c in range(job.num_chunks):
+            # The chunk's camera rays are host work: done and queued for the GPU before the go/stop round trip
+            # below, which on several ranks waits for the GPU to finish the previous chunk, so that the GPU does
+            # not sit idle while the host builds them.
+            plucker = to_device(next(cameras), dev)
             stopping = leader and stop is not None and stop.is_set()
             if not _agree_to_continue(engine, stopping):
                 finished = True  # every rank agreed to stop here
@@ -190,7 +195,7 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
             cond = {"condition_cached": float(engine.vae.condition_at_fixed_point),
                     "condition_layers": float(engine.vae.condition_layers_run[0])} if leader else {}
             f0 = c * CHUNK_LATENT_FRAMES
-            ctx = dit.prepare_chunk(next(cameras), f0, cache, sp)
+            ctx = dit.prepare_chunk(plucker, f0, cache, sp)
             x = noise[:, :, f0 : f0 + CHUNK_LATENT_FRAMES]
             x0 = x
             for i, t in enumerate(sched.timesteps):

@@ -60,16 +60,22 @@ def _init_group(rank: int, world: int, port: int, device: str, timeout_s: float)
     )
 
 
+def _share_cpu(world: int) -> None:
+    """Each rank's intra-op thread pool gets its share of the cores. By default every rank sizes its pool to the
+    whole machine, and N pools spinning on the same cores made each rank's per-chunk host work (camera rays, input
+    staging) several times slower (4 x H200, docs/PERFORMANCE.md v17)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+
+
 def _follower_main(rank: int, world: int, port: int, model: str | None, device: str, dtype: torch.dtype | None,
-                   timeout_s: float, text_encoder: bool, leader_share: float, conn) -> None:
+                   timeout_s: float, text_encoder: bool, shares: tuple[float, float | None], conn) -> None:
     os.environ.update(MULTICAST_OFF)
-    if not device.startswith("cuda"):
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    _share_cpu(world)
     try:
         _init_group(rank, world, port, device, timeout_s)
         dev = f"cuda:{rank}" if device.startswith("cuda") else device
-        engine = Engine.load(model, device=dev, dtype=dtype, sp=SequenceParallel(rank, world, leader_share=leader_share),
-                             text_encoder=text_encoder)
+        sp = SequenceParallel(rank, world, leader_share=shares[0], leader_head_share=shares[1])
+        engine = Engine.load(model, device=dev, dtype=dtype, sp=sp, text_encoder=text_encoder)
         conn.send(("ready", None))
     except BaseException as exc:  # noqa: BLE001 - report, then die
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -119,11 +125,14 @@ class RankPool:
         text_encoder: bool = True,
         timeout_s: float | None = None,
         decode_cost: float | None = None,
+        head_share: float | None = None,
     ) -> "RankPool":
         """Spawn ranks 1..N-1, load the model on every rank, return when all are ready.
 
         decode_cost: the leader's frame decode as a fraction of one GPU's DiT time per chunk (default
-        $LINGBOT_SP_DECODE_COST, else sp.DEFAULT_DECODE_COST); the leader gets that much less of the DiT."""
+        $LINGBOT_SP_DECODE_COST, else sp.DEFAULT_DECODE_COST); the leader gets that much less of the tokens.
+        head_share: the leader's fraction of the attention heads; None splits them evenly (tests use it to run
+        uneven head groups)."""
         timeout_s = timeout_s or float(os.environ.get("LINGBOT_RANK_TIMEOUT_S", "300"))
         if ranks < 1:
             raise ValueError(f"ranks: {ranks} must be >= 1")
@@ -145,15 +154,18 @@ class RankPool:
         for rank in range(1, ranks):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_follower_main, name=f"lingbot-rank{rank}", daemon=True,
-                            args=(rank, ranks, port, model, device, dtype, timeout_s, text_encoder, share, child))
+                            args=(rank, ranks, port, model, device, dtype, timeout_s, text_encoder, (share, head_share),
+                                  child))
             p.start()
             procs.append(p)
             conns.append(parent)
         try:
             _init_group(0, ranks, port, device, timeout_s)
+            if device.startswith("cuda"):  # on the CPU this process's pool is the tests' too: left alone
+                _share_cpu(ranks)
             dev = "cuda:0" if device.startswith("cuda") else device
-            engine = Engine.load(model, device=dev, dtype=dtype, sp=SequenceParallel(0, ranks, leader_share=share),
-                                 text_encoder=text_encoder)
+            sp = SequenceParallel(0, ranks, leader_share=share, leader_head_share=head_share)
+            engine = Engine.load(model, device=dev, dtype=dtype, sp=sp, text_encoder=text_encoder)
             if engine.dit.cfg.num_heads < ranks:
                 raise ValueError(f"ranks: {ranks} is more than the {engine.dit.cfg.num_heads} attention heads")
             for rank, conn in enumerate(conns, start=1):
@@ -166,7 +178,7 @@ class RankPool:
             raise
         heads = engine.dit.cfg.num_heads
         log.info("rank pool ready: %d ranks on %s; rank 0 takes %.1f%% of the tokens and %d of %d heads", ranks,
-                 device, 100 * share if ranks > 1 else 100.0, engine.sp.local(heads), heads)
+                 device, 100 * share if ranks > 1 else 100.0, engine.sp.local_heads(heads), heads)
         return cls(engine, procs, conns, timeout_s)
 
     # --- health ---------------------------------------------------------------------------------------------

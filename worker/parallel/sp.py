@@ -7,15 +7,19 @@ cache. With one rank every method is the identity, so the single-GPU path pays n
 
 The split need not be even. Rank 0 (the leader) also decodes the frames, on a second stream of the same GPU,
 and every other rank waits for it inside the next all-to-all; giving the leader a smaller share of the tokens
-and heads (`leader_share`) evens out the work per rank. Tokens and heads split the same way, so a rank's share
-of the GEMMs (tokens) and of attention (heads) match.
+(`leader_share`) evens out the work per rank. Heads split evenly by default: the attention kernel runs in whole
+waves of (query tile, head) programs over the GPU's SMs, so one head more than the others can cost a whole wave
+(4 x H200: 11 heads took 259 ms per chunk where 10 took 189 and 9 took 181, docs/PERFORMANCE.md v17), while a
+token more or less costs its share of the GEMMs. `leader_head_share` splits heads unevenly too (tests use it to
+exercise uneven exchanges).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,12 +42,27 @@ def leader_share_for(world: int, decode_cost: float) -> float:
     return max(0.0, (1 - decode_cost * (world - 1)) / world)
 
 
+@functools.lru_cache(maxsize=256)
+def _split_counts(total: int, world: int, share: float | None) -> tuple[int, ...]:
+    """Per-rank counts of `total`: the leader's share (rounded, at least 1), the rest as evenly as integers
+    allow. Cached: the exchanges ask for the same few splits hundreds of times per chunk."""
+    if world == 1:
+        return (total,)
+    if total < world:
+        raise ValueError(f"cannot split {total} tokens or heads over {world} ranks")
+    share = 1 / world if share is None else share
+    lead = min(max(round(total * share), 1), total - (world - 1))
+    rest, extra = divmod(total - lead, world - 1)
+    return (lead, *(rest + (i < extra) for i in range(world - 1)))
+
+
 @dataclass(frozen=True)
 class SequenceParallel:
     rank: int = 0
     world: int = 1
     group: object | None = None  # a torch.distributed ProcessGroup; None = the default group
-    leader_share: float | None = None  # fraction of tokens and heads on rank 0; None = 1/world
+    leader_share: float | None = None  # fraction of the tokens on rank 0; None = 1/world
+    leader_head_share: float | None = None  # fraction of the heads on rank 0; None = as even as integers allow
 
     @property
     def enabled(self) -> bool:
@@ -54,36 +73,31 @@ class SequenceParallel:
         return self.rank == 0
 
     # --- how things are split -------------------------------------------------------------------------
-    def split(self, total: int) -> list[int]:
-        """Per-rank counts of `total` tokens or heads: the leader's share (rounded, at least 1), the rest as
-        evenly as integers allow. Every rank computes the same list."""
-        n = self.world
-        if n == 1:
-            return [total]
-        if total < n:
-            raise ValueError(f"cannot split {total} tokens or heads over {n} ranks")
-        share = 1 / n if self.leader_share is None else self.leader_share
-        lead = min(max(round(total * share), 1), total - (n - 1))
-        rest, extra = divmod(total - lead, n - 1)
-        return [lead] + [rest + (i < extra) for i in range(n - 1)]
+    def split_tokens(self, total: int) -> tuple[int, ...]:
+        """Per-rank token counts; every rank computes the same tuple."""
+        return _split_counts(total, self.world, self.leader_share)
 
-    def local(self, total: int) -> int:
-        """This rank's count of `total` (e.g. the heads its K/V cache holds)."""
-        return self.split(total)[self.rank]
+    def split_heads(self, total: int) -> tuple[int, ...]:
+        """Per-rank head counts; every rank computes the same tuple."""
+        return _split_counts(total, self.world, self.leader_head_share)
+
+    def local_heads(self, total: int) -> int:
+        """This rank's count of `total` heads (the heads its K/V cache holds)."""
+        return self.split_heads(total)[self.rank]
 
     # --- token sharding -------------------------------------------------------------------------------
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's slice of the token axis."""
         if not self.enabled:
             return x
-        mine = consecutive_slices(self.split(x.shape[dim]))[self.rank]
+        mine = consecutive_slices(self.split_tokens(x.shape[dim]))[self.rank]
         return x.narrow(dim, mine.start, mine.stop - mine.start)
 
     def gather(self, x: torch.Tensor, true_len: int, dim: int = 1) -> torch.Tensor:
         """Inverse of shard: every rank gets the full token axis."""
         if not self.enabled:
             return x
-        counts = self.split(true_len)
+        counts = self.split_tokens(true_len)
         longest = max(counts)
         if x.shape[dim] < longest:  # all_gather wants equal sizes: pad, then cut each part back
             shape = list(x.shape)
@@ -101,7 +115,7 @@ class SequenceParallel:
         """[..., s, H, D] -> the packed send buffer (one copy)."""
         *lead, s, h, d = x.shape
         send = x.new_empty(x.numel())
-        heads = self.split(h)
+        heads = self.split_heads(h)
         for part, hs in zip(send.split([math.prod(lead) * s * hj * d for hj in heads]), consecutive_slices(heads)):
             part.view(*lead, s, hs.stop - hs.start, d).copy_(x[..., hs, :])
         return send
@@ -120,7 +134,7 @@ class SequenceParallel:
             result = send.view(shape)
             return (lambda: result) if out is None else (lambda: out.copy_(result))
         b = math.prod(lead)
-        tokens, heads = self.split(true_len), self.split(h)
+        tokens, heads = self.split_tokens(true_len), self.split_heads(h)
         mine = heads[self.rank]
         direct = out is not None and b == 1 and out.is_contiguous()
         recv = out.view(-1) if direct else send.new_empty(b * true_len * mine * d)
@@ -149,7 +163,7 @@ class SequenceParallel:
             return [x]
         *lead, total, mine, d = x.shape
         b = math.prod(lead)
-        tokens, heads = self.split(total), self.split(num_heads)
+        tokens, heads = self.split_tokens(total), self.split_heads(num_heads)
         s = tokens[self.rank]
         # Token-major, so rank j's tokens are one contiguous block (a view when the batch is 1).
         send = x.movedim(-3, 0).contiguous().view(-1)
@@ -164,7 +178,7 @@ class SequenceParallel:
         return x
 
 
-def consecutive_slices(counts: list[int]) -> list[slice]:
+def consecutive_slices(counts: Sequence[int]) -> list[slice]:
     """Consecutive ranges of the given sizes: [2, 3, 3] -> [0:2, 2:5, 5:8] (heads or tokens per rank)."""
     ends = list(itertools.accumulate(counts))
     return [slice(e - c, e) for e, c in zip(ends, counts)]
