@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from worker.engine import Engine
+from worker.models.chunk_graphs import ChunkGraphs
 from worker.parallel.pool import RankFailure, RankPool
 from worker.parallel.sp import SequenceParallel, consecutive_slices, leader_share_for
 from worker.rollout import RolloutJob
@@ -133,6 +134,27 @@ def test_two_ranks_match_one_rank(decode_cost: float, window: int, fp8: bool, mo
         # the pool stays warm: a second job (another seed) runs too and differs
         other = _latents(pool, _job(chunks=4, seed=6))
         assert not torch.allclose(other, ref, atol=1e-3)
+    finally:
+        pool.close()
+
+
+def test_two_ranks_replaying_steady_chunks_match_one_rank(monkeypatch):
+    """The sequence-parallel forward as graph replays (the CPU stand-in, see tests/test_chunk_graphs.py): each
+    rank's exchanges, cache slots (written through the device-side index, wrapping with window 7) and fixed
+    buffers give the 1-rank eager latents."""
+    job = _job(chunks=6)
+    job.kv_window = 7
+    one = Engine.load("tiny", device="cpu", dtype=torch.float32)
+    ref = _latents(one, job)
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun")  # inherited by the spawned rank
+    replays = []
+    real = ChunkGraphs.denoise
+    monkeypatch.setattr(ChunkGraphs, "denoise", lambda self, x, emb: replays.append(1) or real(self, x, emb))
+    pool = RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60, head_share=0.25)
+    try:
+        torch.testing.assert_close(_latents(pool, job), ref, rtol=1e-4, atol=1e-4)
+        assert len(replays) == 4 * 2  # the cache is full after chunk 3: chunks 4 and 5 replay (on the leader)
+        assert pool.healthy
     finally:
         pool.close()
 

@@ -29,6 +29,8 @@ import torch
 
 from worker.camera import iter_camera_condition
 from worker.config import CHUNK_LATENT_FRAMES, VAE_STRIDE, VAE_Z_DIM, MASK_CHANNELS, pixel_frames_for_chunk
+from worker.models import chunk_graphs
+from worker.models.chunk_graphs import ChunkGraphs
 from worker.models.dit import to_device
 from worker.models.kv_cache import KVCache
 from worker.schedule import dmd_schedule
@@ -174,6 +176,7 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
         device=dev,
     )
     cameras = job.camera_chunks()
+    use_graphs, graphs = chunk_graphs.wanted(dev, sp), None
     conditions = engine.condition_stream(job.image, job.num_chunks) if leader else None
     finished = False
     at_boundary = True  # True while every rank waits at the same point (a chunk boundary)
@@ -196,16 +199,27 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                     "condition_layers": float(engine.vae.condition_layers_run[0])} if leader else {}
             f0 = c * CHUNK_LATENT_FRAMES
             ctx = dit.prepare_chunk(plucker, f0, cache, sp)
+            if graphs is not None:
+                graphs.load_chunk(ctx, y)
             x = noise[:, :, f0 : f0 + CHUNK_LATENT_FRAMES]
             x0 = x
             for i, t in enumerate(sched.timesteps):
-                v = dit(x, y, t, text_kv, ctx, sp, time_emb=time_emb[t])
+                if graphs is not None:
+                    v = graphs.denoise(x, time_emb[t])
+                else:
+                    v = dit(x, y, t, text_kv, ctx, sp, time_emb=time_emb[t])
                 x0 = (x.double() - sched.x0_sigmas[i] * v.double()).float()
                 if i + 1 < len(sched.timesteps):
                     s = sched.renoise_sigmas[i]
                     eps = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
                     x = (1 - s) * x0 + s * eps
-            dit(x0, y, 0, text_kv, ctx, sp, cache_only=True, time_emb=time_emb[0])
+            if graphs is not None:
+                graphs.refresh(x0)
+            else:
+                dit(x0, y, 0, text_kv, ctx, sp, cache_only=True, time_emb=time_emb[0])
+                if use_graphs and cache.full and c + 1 < job.num_chunks:
+                    graphs = ChunkGraphs.capture(dit, sp, text_kv, ctx, x0, y, time_emb[sched.timesteps[0]],
+                                                 time_emb[0])
             del ctx
             at_boundary = True
             last_done = c

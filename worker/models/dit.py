@@ -359,8 +359,10 @@ class LingBotDiT(nn.Module):
         pt, ph, pw = self.cfg.patch_size
         grid = (f // pt, h // ph, w // pw)
         n = math.prod(grid)
-        # This rank's tokens only: each rank rotates its own q and k before the exchange.
-        cos, sin = (sp.shard(t, dim=0) for t in rope_tables(self.cfg, start_frame, grid, self.device))
+        # This rank's tokens only: each rank rotates its own q and k before the exchange. In their own storage: a
+        # view at an offset would make the fused kernels recompile for the CUDA graphs' fixed copies of these
+        # tables (worker/models/chunk_graphs.py), which have none.
+        cos, sin = (sp.shard(t, dim=0).clone() for t in rope_tables(self.cfg, start_frame, grid, self.device))
         if cache is not None:
             cache.begin_chunk(start_frame, grid[0])
         p = self.patch_embedding_wancamctrl(sp.shard(self.camera_tokens(to_device(plucker, self.device, self.dtype))))

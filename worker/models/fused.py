@@ -60,6 +60,10 @@ def fusable(*, tokens: dict[int, int | tuple[int, ...]], single_pass_rows: bool 
                 with use_choices():
                     return fn_compiled(*args)
             except torch._dynamo.exc.BackendCompilerFailed as exc:
+                if torch.cuda.is_current_stream_capturing():
+                    # A recompile inside a CUDA graph capture fails for reasons of its own (no host copies there):
+                    # fail the capture, which leaves the job eager, and keep the kernel for every later call.
+                    raise
                 # Same math eagerly: a kernel that fails to build must not take a warm worker down.
                 log.warning("fused %s failed to compile, running it eagerly: %s", fn.__name__, str(exc)[:500])
                 compiled = (None, None)

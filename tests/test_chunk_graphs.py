@@ -1,0 +1,113 @@
+"""Steady chunks as graph replays (worker/models/chunk_graphs.py), checked on the CPU with the `rerun` stand-in:
+its replay runs the captured forward again on the same fixed buffers, so every input a real CUDA graph would read
+from those buffers must be refreshed per chunk and per step, or the latents come out wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.engine import Engine
+from worker.models import chunk_graphs
+from worker.models.chunk_graphs import ChunkGraphs
+from worker.parallel.sp import SINGLE, SequenceParallel
+from worker.rollout import RolloutJob
+
+ACTIONS = [["w"], ["l"], ["w", "d"], [], ["i"], ["s"], ["j"], ["w"], ["k"], ["a"]]
+
+
+def _job(window: int) -> RolloutJob:
+    g = torch.Generator().manual_seed(0)
+    return RolloutJob(prompt="a corridor", image=torch.rand(3, 48, 64, generator=g) * 2 - 1, num_chunks=6,
+                      width=64, height=48, seed=3, kv_window=window, kv_sink=3,
+                      camera_actions=[ACTIONS[i % len(ACTIONS)] for i in range(18)])
+
+
+def _latents(engine, job) -> torch.Tensor:
+    return torch.cat([c.latents for c in engine.rollout(job)], dim=1)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.load("tiny", device="cpu", dtype=torch.float32)
+
+
+def test_mode_setting(monkeypatch):
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "sometimes")
+    with pytest.raises(ValueError, match="LINGBOT_CUDA_GRAPHS"):
+        chunk_graphs.mode_setting()
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "auto")
+    assert not chunk_graphs.wanted(torch.device("cpu"), SINGLE)  # auto: CUDA with 4+ ranks only
+    assert not chunk_graphs.wanted(torch.device("cpu"), SequenceParallel(0, 4))
+    assert not chunk_graphs.wanted(torch.device("cuda"), SequenceParallel(0, 2))  # a device type, nothing runs
+    assert chunk_graphs.wanted(torch.device("cuda"), SequenceParallel(0, 4))
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "0")
+    assert not chunk_graphs.wanted(torch.device("cuda"), SequenceParallel(0, 4))
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun")
+    assert chunk_graphs.wanted(torch.device("cpu"), SINGLE)
+
+
+# window 6: a chunk's frames are one run of slots; window 7: they wrap around the window inside a chunk
+@pytest.mark.parametrize("window", [6, 7])
+def test_replayed_chunks_give_the_eager_latents(engine, window, monkeypatch):
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "0")
+    ref = _latents(engine, _job(window))
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun")
+    replays = []
+    real = ChunkGraphs.denoise
+    monkeypatch.setattr(ChunkGraphs, "denoise", lambda self, x, emb: replays.append(1) or real(self, x, emb))
+    got = _latents(engine, _job(window))
+    # the cache is full after chunk 2 (window 6) or 3 (window 7): the chunks after it replay, 4 steps each
+    assert len(replays) == 4 * (6 - (3 if window == 6 else 4))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_buffer_not_refreshed_per_chunk_shows(engine, monkeypatch):
+    """The check above can fail: leave the RoPE tables of the capture chunk in place and the latents change."""
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "0")
+    ref = _latents(engine, _job(6))
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun")
+    real = ChunkGraphs.load_chunk
+
+    def stale_rope(self, ctx, y):
+        cos, sin = self.ctx.cos.clone(), self.ctx.sin.clone()
+        real(self, ctx, y)
+        self.ctx.cos.copy_(cos)
+        self.ctx.sin.copy_(sin)
+
+    monkeypatch.setattr(ChunkGraphs, "load_chunk", stale_rope)
+    got = _latents(engine, _job(6))
+    assert not torch.allclose(got, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_a_kernel_that_fails_to_compile_inside_a_capture_fails_the_capture_only(monkeypatch):
+    """Outside a capture a fused chain that fails to compile runs eagerly from then on; inside a CUDA graph
+    capture (where a recompile can fail for capture's own reasons) the failure fails the capture instead, and the
+    kernel is tried again on the next call."""
+    from worker.models import fused
+
+    compiles = []
+
+    def failing_compile(fn, **kwargs):
+        compiles.append(fn)
+
+        def run(*args):
+            raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("no copies in capture"), None)
+
+        return run
+
+    class CudaLike:  # only `.is_cuda` is read before the compiled function is called
+        is_cuda = True
+
+    @fused.fusable(tokens={})
+    def chain(x):
+        return "eager"
+
+    monkeypatch.setattr(fused, "_COMPILE", True)
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
+        chain(CudaLike())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert chain(CudaLike()) == "eager"  # the same compiled function fails again, outside a capture: eager
+    assert chain(CudaLike()) == "eager" and len(compiles) == 1  # and stays eager without compiling again
