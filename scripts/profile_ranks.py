@@ -22,6 +22,7 @@ import time
 import torch
 
 import worker.rollout as rollout_mod
+from profile_rollout import _union  # scripts/ is on the path: this file runs as a script
 from worker.models.dit import LingBotDiT
 
 PROFILE_SEED = 777
@@ -69,15 +70,6 @@ def _observed_chunks(engine, job, stop=None):
 
 LingBotDiT.forward = _timed_forward
 rollout_mod._denoise_chunks = _observed_chunks
-
-
-def _union(intervals) -> float:
-    total, end = 0.0, -1e30
-    for s, e in sorted(intervals):
-        if e > end:
-            total += e - max(s, end)
-            end = e
-    return total
 
 
 def _summarize(prof, rank: int, wall: float, n: int) -> None:
