@@ -61,9 +61,10 @@ def _init_group(rank: int, world: int, port: int, device: str, timeout_s: float)
 
 
 def _share_cpu(world: int) -> None:
-    """Each rank's intra-op thread pool gets its share of the cores. By default every rank sizes its pool to the
-    whole machine, and N pools spinning on the same cores made each rank's per-chunk host work (camera rays, input
-    staging) several times slower (4 x H200, docs/PERFORMANCE.md v17)."""
+    """Each rank's intra-op thread pool gets its share of the cores instead of every rank sizing its pool to the
+    whole machine. On 4 x H200 the same per-chunk host work (RoPE tables, camera staging) took ~300 ms on the
+    followers and ~60 ms on the leader with N full-size pools on 64 cores (docs/PERFORMANCE.md v17); landed with
+    moving that work off the critical path, not measured alone."""
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
 
 
