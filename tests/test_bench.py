@@ -49,9 +49,17 @@ def test_bench_reports_every_figure(tiny_engine, tmp_path) -> None:
     layers = [r["condition_layers"] for r in rows]
     assert layers[:first] == sorted(layers[:first], reverse=True) and layers[0] > layers[first - 1] > 0, layers
     assert layers[first:] == [0] * (chunks - first)
+    assert res["graph_replay_chunks"] == []  # CUDA graphs are for 4+ GPU ranks (LINGBOT_CUDA_GRAPHS=auto)
     json.dumps(res)  # the --json output
     lat = torch.load(tmp_path / "lat.pt")
     assert lat.shape == (16, 3 * chunks, 6, 8)
+
+
+def test_bench_says_which_chunks_were_graph_replays(tiny_engine, monkeypatch) -> None:
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun")  # the CPU stand-in for CUDA graphs
+    res = run_bench(tiny_engine, width=64, height=48, chunks=5, window=6, sink=3, warmup_chunks=0)
+    # the cache is full from chunk 2 on; the graphs are captured after it and replayed from chunk 3
+    assert res["graph_replay_chunks"] == [3, 4] and [r["graph_replay"] for r in res["rows"]][:3] == [False] * 3
 
 
 def test_bench_cli_writes_json(tmp_path) -> None:

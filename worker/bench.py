@@ -142,6 +142,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
                 "chunk_ms": (now - t_prev) * 1e3, "dit_tflop": flops / 1e12,
                 "condition_cached": bool(out.stats.get("condition_cached", 0.0)),
                 "condition_layers": int(out.stats.get("condition_layers", 0)),
+                "graph_replay": bool(out.stats.get("graph_replay", 0.0)),
             })
             t_prev = now
             if save_latents is not None:
@@ -180,6 +181,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
         "kv_window": window, "kv_sink": sink, "steady_chunks": [r["chunk"] for r in steady],
         "median": med, "end_to_end_chunk_ms": end_to_end_ms, "steady_mean_chunk_ms": _mean(flowing),
         "condition_cached_chunks": [r["chunk"] for r in cached], "median_condition_cached": med_cached,
+        "graph_replay_chunks": [r["chunk"] for r in rows if r["graph_replay"]],
         "generated_fps": 12 / (end_to_end_ms / 1e3), "overall_fps": frames_total / total_s,
         "decode": decode, "first_chunk_s": first_chunk_s,
         "total_s": total_s, "matmul_peak_tflops": peak_tflops, "mfu": mfu,
@@ -198,8 +200,9 @@ def print_table(res: dict) -> None:
     print(f"{'chunk':>5} {'kv':>3} {'dit ms':>9} {'decode ms':>9} {'encode ms':>9} {'chunk ms':>9}  condition encoder")
     for r in res["rows"]:
         cond = "fixed point" if r["condition_cached"] else f"{r['condition_layers']} layers"
+        replay = "  (graph replay)" if r.get("graph_replay") else ""
         print(f"{r['chunk']:>5} {r['kv_frames']:>3} {r['dit_ms']:>9.1f} {r['decode_ms']:>9.1f} "
-              f"{r['encode_ms']:>9.1f} {r['chunk_ms']:>9.1f}  {cond}")
+              f"{r['encode_ms']:>9.1f} {r['chunk_ms']:>9.1f}  {cond}{replay}")
     m = res["median"]
     print(f"steady (chunks {res['steady_chunks'][0]}..{res['steady_chunks'][-1]}): DiT median {m['dit_ms']:.1f} ms, "
           f"decode {m['decode_ms']:.1f} ms (wall, overlapped), encode {m['encode_ms']:.1f} ms, "
@@ -214,6 +217,8 @@ def print_table(res: dict) -> None:
           f"{res['matmul_peak_tflops']:.0f} TFLOP/s x {res['ranks']}; peak memory GiB per rank {res['peak_memory_gib']}")
     if res["ranks"] > 1:
         print(f"split per rank: tokens {res['sp_split']['tokens']}, heads {res['sp_split']['heads']}")
+    if res["graph_replay_chunks"]:
+        print(f"CUDA graph replays: chunks {res['graph_replay_chunks'][0]}..{res['graph_replay_chunks'][-1]}")
 
 
 def cmd_bench(a) -> int:

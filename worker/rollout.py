@@ -150,7 +150,8 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
     chunk while the GPU still runs this one instead of the GPU idling at every chunk boundary. Whoever reads x0
     first waits with _wait_ms(*marks), which also gives the chunk's DiT time (GPU time between the two marks).
     stats on the leader: condition_cached (1.0 when the image condition came from the encoder's fixed point
-    instead of an encode) and condition_layers (encoder layers run for it; see StreamingVAE.next_condition_chunk)."""
+    instead of an encode), condition_layers (encoder layers run for it; see StreamingVAE.next_condition_chunk) and
+    graph_replay (1.0 when the chunk's forwards were CUDA graph replays, worker/models/chunk_graphs.py)."""
     dit, sp, dev = engine.dit, engine.sp, engine.device
     leader = sp.is_leader
     sched = dmd_schedule()
@@ -201,6 +202,8 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
             ctx = dit.prepare_chunk(plucker, f0, cache, sp)
             if graphs is not None:
                 graphs.load_chunk(ctx, y)
+            if leader:
+                cond["graph_replay"] = float(graphs is not None)
             x = noise[:, :, f0 : f0 + CHUNK_LATENT_FRAMES]
             x0 = x
             for i, t in enumerate(sched.timesteps):
