@@ -73,3 +73,37 @@ def test_bench_cli_writes_json(tmp_path) -> None:
     res = json.loads(out.read_text())
     assert res["model"] == "tiny" and res["chunks"] == 3 and len(res["rows"]) == 3
     assert "steady (chunks" in proc.stdout and "first chunk" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_cli_compares_decode_costs_in_one_process(tmp_path) -> None:
+    """Several --decode-cost and --cuda-graphs values: one rank pool, one bench per pair, each with its own split,
+    graph mode and latents."""
+    out = tmp_path / "b.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "bench", "--model", "tiny", "--device", "cpu", "--size", "64x48",
+         "--ranks", "2", "--chunks", "4", "--kv-window", "6", "--kv-sink", "3", "--warmup-chunks", "0",
+         "--decode-cost", "0,0.5", "--cuda-graphs", "0,rerun", "--save-latents", str(tmp_path / "lat.pt"),
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads(out.read_text())
+    assert [(r["decode_cost"], r["cuda_graphs"]) for r in runs] == [(0.0, "0"), (0.5, "0"), (0.0, "rerun"),
+                                                                     (0.5, "rerun")]
+    # 36 tokens per chunk at 64x48: even, then the leader at (1 - 0.5) / 2 = 25% of them
+    assert [tuple(r["sp_split"]["tokens"]) for r in runs[:2]] == [(18, 18), (9, 27)]
+    # the graph mode reached every rank: the replays ran (the cache is full from chunk 2 on; 4 chunks)
+    assert [r["graph_replay_chunks"] for r in runs] == [[], [], [3], [3]]
+    ref = torch.load(tmp_path / "lat_d0_g0.pt")
+    for tag in ("d0.5_g0", "d0_grerun", "d0.5_grerun"):  # the split and the replays move work, not results
+        torch.testing.assert_close(torch.load(tmp_path / f"lat_{tag}.pt"), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_bench_cli_refuses_a_bad_decode_cost_list() -> None:
+    from worker.bench import _decode_costs
+
+    assert _decode_costs("0.04,0.1") == [0.04, 0.1] and _decode_costs(None) == [None]
+    for bad in ("0.1,x", "1.5"):
+        with pytest.raises(SystemExit, match="--decode-cost"):
+            _decode_costs(bad)

@@ -57,9 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup-chunks", type=int, default=2, help="chunks of a first, untimed rollout")
     b.add_argument("--fp8", action="store_true", help="FP8 linears in the DiT blocks (same as LINGBOT_FP8=1)")
     b.add_argument("--no-decode", action="store_true", help="DiT only: skip VAE decode and frame encoding")
-    b.add_argument("--decode-cost", type=float, help="the leader's frame decode as a fraction of one GPU's DiT time: "
-                   "how much less of the DiT's tokens rank 0 takes with 2+ ranks (0 = even; default "
-                   f"$LINGBOT_SP_DECODE_COST, else {DEFAULT_DECODE_COST})")
+    b.add_argument("--decode-cost", help="the leader's frame decode as a fraction of one GPU's DiT time: how much "
+                   "less of the DiT's tokens rank 0 takes with 2+ ranks (0 = even; default $LINGBOT_SP_DECODE_COST, "
+                   f"else {DEFAULT_DECODE_COST}); a comma-separated list runs one bench per value in one process")
+    b.add_argument("--cuda-graphs", help="CUDA graphs of the steady chunks: auto, 0 or 1 (default "
+                   "$LINGBOT_CUDA_GRAPHS, else auto = with 4+ ranks); a comma-separated list runs one bench per value "
+                   "in one process (with several --decode-cost values: every pair)")
     b.add_argument("--save-latents", type=Path, help="write the rollout's latents (torch.save) for cross-run checks")
     b.add_argument("--json", type=Path, help="write the full results as JSON here")
     return ap

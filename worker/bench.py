@@ -20,6 +20,7 @@ import torch
 
 from worker import media
 from worker.config import CHUNK_LATENT_FRAMES, DiTConfig, VAE_STRIDE, pixel_frames_for_chunk
+from worker.models import chunk_graphs
 from worker.models.attention import active_backend
 from worker.rollout import RolloutJob
 from worker.schedule import dmd_schedule
@@ -228,17 +229,63 @@ def cmd_bench(a) -> int:
     model = a.model or "lingbot-world-fast"
     if a.fp8:
         os.environ["LINGBOT_FP8"] = "1"  # read by Engine.load on every rank (spawned ranks inherit it)
-    if a.decode_cost is not None or a.no_decode:  # read by RankPool.start; without a decode the split is even
-        os.environ["LINGBOT_SP_DECODE_COST"] = str(0.0 if a.no_decode else a.decode_cost)
+    costs = [0.0] if a.no_decode else _decode_costs(a.decode_cost)
+    modes = _graph_modes(a.cuda_graphs)
+    if costs != [None]:  # read by RankPool.start; without a decode the split is even
+        os.environ["LINGBOT_SP_DECODE_COST"] = str(costs[0])
+    runs = [(cost, mode) for mode in modes for cost in costs]
     gen = load_generator(model, a.device, a.ranks, text_encoder=False)
+    results = []
     try:
-        res = run_bench(gen, width=width, height=height, chunks=a.chunks, window=a.kv_window, sink=a.kv_sink,
-                        warmup_chunks=a.warmup_chunks, save_latents=a.save_latents, decode=not a.no_decode)
+        if len(costs) > 1 and getattr(gen, "world", 1) < 2:
+            raise SystemExit("--decode-cost: several values need 2 or more ranks")
+        for cost, mode in runs:
+            if len(costs) > 1:
+                gen.configure(decode_cost=cost)
+            gen.configure(cuda_graphs=mode)
+            res = run_bench(gen, width=width, height=height, chunks=a.chunks, window=a.kv_window, sink=a.kv_sink,
+                            warmup_chunks=a.warmup_chunks, save_latents=_run_path(a.save_latents, cost, mode, runs),
+                            decode=not a.no_decode)
+            res["decode_cost"], res["cuda_graphs"] = cost, mode
+            res["command"] = "python -m worker " + " ".join(os.sys.argv[1:])
+            print_table(res)
+            results.append(res)
     finally:
         if hasattr(gen, "close"):
             gen.close()
-    res["command"] = "python -m worker " + " ".join(os.sys.argv[1:])
-    print_table(res)
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=2))
+    if a.json:  # one result, or a list of them for several settings (the same process, one after another)
+        a.json.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
+
+
+def _decode_costs(spec: str | None) -> list[float | None]:
+    """--decode-cost: one value, a comma-separated list (one run each, same process), or None for the default."""
+    if spec is None:
+        return [None]
+    try:
+        costs = [float(v) for v in spec.split(",")]
+    except ValueError:
+        raise SystemExit(f"--decode-cost: {spec!r} is not a number or a comma-separated list of numbers") from None
+    for cost in costs:
+        if not 0 <= cost < 1:
+            raise SystemExit(f"--decode-cost: {cost} must be in [0, 1)")
+    return costs
+
+
+def _graph_modes(spec: str | None) -> list[str | None]:
+    """--cuda-graphs: one mode, a comma-separated list (one run each, same process), or None for the default."""
+    if spec is None:
+        return [None]
+    try:
+        return [chunk_graphs.check_mode(v, "--cuda-graphs") for v in spec.split(",")]
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def _run_path(path: Path | None, cost: float | None, mode: str | None, runs: list) -> Path | None:
+    """Where one run's latents go: the path itself, or one file per setting when there are several."""
+    if path is None or len(runs) == 1:
+        return path
+    tag = f"_d{cost:g}" if len({c for c, _ in runs}) > 1 else ""
+    tag += f"_g{mode}" if len({m for _, m in runs}) > 1 else ""
+    return path.with_name(f"{path.stem}{tag}{path.suffix}")

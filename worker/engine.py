@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.config import PRESETS, ModelPreset
+from worker.models import chunk_graphs
 from worker.models.loading import ModelSource, load_dit, load_text_encoder_for, load_vae_for, resolve_model
 from worker.models.vae import StreamingVAE
 from worker.parallel.sp import SINGLE, SequenceParallel
@@ -84,8 +85,15 @@ class Engine:
         self.source, self.dit, self.vae, self.text_encoder = source, dit, vae, text_encoder
         self.device, self.sp = device, sp
         self.ranks_in_sync = True
+        self.cuda_graphs: str | None = None  # None: LINGBOT_CUDA_GRAPHS, read per job (configure)
         self._lock = threading.Lock()  # the VAE stream and the KV cache are per job: one job at a time
         self._fixed_context: torch.Tensor | None = None
+
+    def configure(self, *, cuda_graphs: str | None = None) -> None:
+        """Settings that may change between jobs: the CUDA-graph mode (worker/models/chunk_graphs.py) instead
+        of LINGBOT_CUDA_GRAPHS. Benchmarks compare settings in one process with it."""
+        if cuda_graphs is not None:
+            self.cuda_graphs = chunk_graphs.check_mode(cuda_graphs, "cuda_graphs")
 
     # --- construction -----------------------------------------------------------------------------------
     @classmethod

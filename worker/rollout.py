@@ -177,7 +177,8 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
         device=dev,
     )
     cameras = job.camera_chunks()
-    use_graphs, graphs = chunk_graphs.wanted(dev, sp), None
+    graph_mode = chunk_graphs.resolve(engine.cuda_graphs)
+    use_graphs, graphs = chunk_graphs.wanted(dev, sp, graph_mode), None
     conditions = engine.condition_stream(job.image, job.num_chunks) if leader else None
     finished = False
     at_boundary = True  # True while every rank waits at the same point (a chunk boundary)
@@ -222,7 +223,7 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                 dit(x0, y, 0, text_kv, ctx, sp, cache_only=True, time_emb=time_emb[0])
                 if use_graphs and cache.full and c + 1 < job.num_chunks:
                     graphs = ChunkGraphs.capture(dit, sp, text_kv, ctx, x0, y, time_emb[sched.timesteps[0]],
-                                                 time_emb[0])
+                                                 time_emb[0], rerun=graph_mode == "rerun")
             del ctx
             at_boundary = True
             last_done = c

@@ -40,16 +40,25 @@ MODES = ("auto", "0", "1", "rerun")
 AUTO_MIN_RANKS = 4
 
 
-def mode_setting() -> str:
-    value = os.environ.get("LINGBOT_CUDA_GRAPHS", "auto").strip().lower()
+def check_mode(value: str, name: str = "LINGBOT_CUDA_GRAPHS") -> str:
+    value = value.strip().lower()
     if value not in MODES:
-        raise ValueError(f"LINGBOT_CUDA_GRAPHS={value!r}: must be one of {', '.join(MODES)}")
+        raise ValueError(f"{name}={value!r}: must be one of {', '.join(MODES)}")
     return value
 
 
-def wanted(device: torch.device, sp: SequenceParallel) -> bool:
+def mode_setting() -> str:
+    return check_mode(os.environ.get("LINGBOT_CUDA_GRAPHS", "auto"))
+
+
+def resolve(mode: str | None) -> str:
+    """An engine's own mode (Engine.configure), else LINGBOT_CUDA_GRAPHS."""
+    return mode_setting() if mode is None else check_mode(mode)
+
+
+def wanted(device: torch.device, sp: SequenceParallel, mode: str | None = None) -> bool:
     """Whether this job's steady chunks should run as graphs (the same answer on every rank)."""
-    mode = mode_setting()
+    mode = resolve(mode)
     if mode == "rerun":
         return True
     if device.type != "cuda" or mode == "0":
@@ -92,7 +101,7 @@ class ChunkGraphs:
 
     def __init__(self, dit: LingBotDiT, sp: SequenceParallel, text_kv: list, ctx: ChunkContext, x: torch.Tensor,
                  y: torch.Tensor, time_emb: tuple[torch.Tensor, torch.Tensor],
-                 refresh_emb: tuple[torch.Tensor, torch.Tensor]) -> None:
+                 refresh_emb: tuple[torch.Tensor, torch.Tensor], rerun: bool = False) -> None:
         # Fixed buffers, filled per chunk (load_chunk) and per forward (denoise / refresh).
         self.x, self.y = x.clone(), y.clone()
         self.emb = tuple(t.clone() for t in time_emb)
@@ -100,7 +109,6 @@ class ChunkGraphs:
                                 [t.clone() for t in ctx.cam_scale], [t.clone() for t in ctx.cam_shift], ctx.cache,
                                 ctx.attn_mask)
         ctx.cache.index_slots()
-        rerun = mode_setting() == "rerun"
         pool = None if rerun else torch.cuda.graph_pool_handle()
         self._denoise, self._refresh = (_Rerun() if rerun else _Graph(pool) for _ in range(2))
         # Capture order matters for `rerun`, which runs both: the refresh last leaves the clean chunk's K/V.
@@ -111,13 +119,13 @@ class ChunkGraphs:
     @classmethod
     def capture(cls, dit: LingBotDiT, sp: SequenceParallel, text_kv: list, ctx: ChunkContext, x: torch.Tensor,
                 y: torch.Tensor, time_emb: tuple[torch.Tensor, torch.Tensor],
-                refresh_emb: tuple[torch.Tensor, torch.Tensor]) -> ChunkGraphs | None:
+                refresh_emb: tuple[torch.Tensor, torch.Tensor], rerun: bool = False) -> ChunkGraphs | None:
         """Capture after a steady chunk ran eagerly (every kernel and collective already warm). Every rank must
         call this at the same chunk; they agree on the outcome, so a capture that fails on one rank sends all of
         them back to eager forwards instead of leaving them out of step. Capturing runs nothing: the cache and
-        the buffers keep what the eager chunk left."""
+        the buffers keep what the eager chunk left. rerun: the CPU stand-in instead of CUDA graphs."""
         try:
-            graphs = cls(dit, sp, text_kv, ctx, x, y, time_emb, refresh_emb)
+            graphs = cls(dit, sp, text_kv, ctx, x, y, time_emb, refresh_emb, rerun)
         except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured: eager forwards still work
             log.warning("CUDA graph capture failed, staying eager: %s: %s", type(exc).__name__, str(exc)[:500])
             graphs = None

@@ -95,6 +95,12 @@ def _follower_main(rank: int, world: int, port: int, model: str | None, device: 
                 conn.send(("error", f"{type(exc).__name__}: {exc}"))
                 if not engine.ranks_in_sync:
                     raise
+        elif cmd == "configure":
+            share, cuda_graphs = msg[1]
+            if share is not None:
+                engine.sp = replace(engine.sp, leader_share=share)
+            engine.configure(cuda_graphs=cuda_graphs)
+            conn.send(("ok", None))
         elif cmd == "memory":
             peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
             conn.send(("memory", peak))
@@ -242,6 +248,19 @@ class RankPool:
                 continue
             if kind == "error" and completed:
                 self._mark_unhealthy(f"rank {rank} failed: {detail}")
+
+    def configure(self, *, decode_cost: float | None = None, cuda_graphs: str | None = None) -> None:
+        """From the next job on, on every rank: the token split for this decode cost, and the CUDA-graph mode
+        (Engine.configure). Benchmarks compare settings in one process instead of loading the model once each."""
+        share = None if decode_cost is None else leader_share_for(self.world, decode_cost)
+        self.engine.configure(cuda_graphs=cuda_graphs)  # checks the mode before any rank takes it
+        for rank, conn in enumerate(self.conns, start=1):
+            conn.send(("configure", (share, cuda_graphs)))
+            kind, detail = _recv(conn, self.procs[rank - 1], self.timeout_s)
+            if kind != "ok":
+                raise RankFailure(f"rank {rank} did not take the new settings: {detail}")
+        if share is not None:
+            self.engine.sp = replace(self.engine.sp, leader_share=share)
 
     def peak_memory(self) -> list[int]:
         """Peak allocated bytes per rank (GPU only; 0 on CPU)."""
