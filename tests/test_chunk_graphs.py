@@ -9,7 +9,7 @@ import torch
 
 from worker.engine import Engine
 from worker.models import chunk_graphs
-from worker.models.chunk_graphs import ChunkGraphs
+from worker.models.chunk_graphs import ChunkBuffers, ChunkGraphs
 from worker.parallel.sp import SINGLE, SequenceParallel
 from worker.rollout import RolloutJob
 
@@ -67,7 +67,7 @@ def test_a_buffer_not_refreshed_per_chunk_shows(engine, monkeypatch):
     monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "0")
     ref = _latents(engine, _job(6))
     monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun")
-    real = ChunkGraphs.load_chunk
+    real = ChunkBuffers.load_chunk
 
     def stale_rope(self, ctx, y):
         cos, sin = self.ctx.cos.clone(), self.ctx.sin.clone()
@@ -75,7 +75,7 @@ def test_a_buffer_not_refreshed_per_chunk_shows(engine, monkeypatch):
         self.ctx.cos.copy_(cos)
         self.ctx.sin.copy_(sin)
 
-    monkeypatch.setattr(ChunkGraphs, "load_chunk", stale_rope)
+    monkeypatch.setattr(ChunkBuffers, "load_chunk", stale_rope)
     got = _latents(engine, _job(6))
     assert not torch.allclose(got, ref, rtol=1e-3, atol=1e-3)
 
@@ -111,3 +111,67 @@ def test_a_kernel_that_fails_to_compile_inside_a_capture_fails_the_capture_only(
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert chain(CudaLike()) == "eager"  # the same compiled function fails again, outside a capture: eager
     assert chain(CudaLike()) == "eager" and len(compiles) == 1  # and stays eager without compiling again
+
+
+def _job_b(window: int = 6) -> RolloutJob:
+    job = _job(window)
+    job.prompt, job.seed = "a forest path in the rain", 11
+    return job
+
+
+def test_warm_graphs_serve_every_span_and_later_jobs_from_their_first_chunk(engine, monkeypatch):
+    """`warm` (through its CPU stand-in): the first job captures each span of the cache as it reaches it; a
+    later job of the same geometry, with another prompt, replays every chunk; both give the eager latents."""
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "0")
+    ref_a, ref_b = _latents(engine, _job(6)), _latents(engine, _job_b())
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun-warm")
+    replays = []
+    real = ChunkGraphs.denoise
+    monkeypatch.setattr(ChunkGraphs, "denoise", lambda self, x, emb: replays.append(1) or real(self, x, emb))
+    try:
+        torch.testing.assert_close(_latents(engine, _job(6)), ref_a, rtol=1e-5, atol=1e-5)
+        # spans of 3, 6 and 9 frames, each captured after its first chunk: chunks 3-5 replay the last
+        assert len(replays) == 4 * 3 and sorted(engine.warm_graphs.spans) == [36, 72, 108]
+        torch.testing.assert_close(_latents(engine, _job_b()), ref_b, rtol=1e-5, atol=1e-5)
+        assert len(replays) == 4 * 3 + 4 * 6  # the second job replays from chunk 0
+        # another geometry replaces the kept set and still gives the eager latents
+        monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "0")
+        ref_c = _latents(engine, _job(7))
+        monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun-warm")
+        torch.testing.assert_close(_latents(engine, _job(7)), ref_c, rtol=1e-5, atol=1e-5)
+        assert engine.warm_graphs.key[3] == 7
+    finally:
+        engine.warm_graphs = None
+
+
+def test_warm_graphs_take_each_jobs_text(engine, monkeypatch):
+    """The kept graphs read the text K/V from fixed buffers: a later job that did not refill them would
+    replay the earlier job's prompt."""
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "0")
+    ref_b = _latents(engine, _job_b())
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun-warm")
+    monkeypatch.setattr(ChunkBuffers, "load_job", lambda self, text_kv: None)
+    try:
+        _latents(engine, _job(6))
+        assert not torch.allclose(_latents(engine, _job_b()), ref_b, rtol=1e-3, atol=1e-3)
+    finally:
+        engine.warm_graphs = None
+
+
+def test_start_up_warm_up_captures_every_span_under_warm(engine, monkeypatch):
+    from worker.parallel import pool
+
+    monkeypatch.setattr(pool, "DEFAULT_SIZE", (64, 48))  # the full default size takes minutes on a CPU
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun-warm")
+    try:
+        pool.warmup(engine)
+        # window 15 + sink 3 = 18 latent frames of 12 tokens: six chunks, six spans
+        assert sorted(engine.warm_graphs.spans) == [36 * k for k in range(1, 7)]
+    finally:
+        engine.warm_graphs = None
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun")
+    chunks = []
+    real = engine.rollout
+    monkeypatch.setattr(engine, "rollout", lambda job: chunks.append(job.num_chunks) or real(job))
+    pool.warmup(engine)
+    assert chunks == [1]  # one chunk otherwise

@@ -159,6 +159,23 @@ def test_two_ranks_replaying_steady_chunks_match_one_rank(monkeypatch):
         pool.close()
 
 
+def test_two_ranks_with_kept_graphs_match_one_rank_across_jobs(monkeypatch):
+    """`warm` graphs (the CPU stand-in) on 2 ranks: every span captured in the first job and kept; the second job,
+    another prompt and seed, replays from its first chunk; both give the 1-rank eager latents."""
+    first, second = _job(chunks=5), _job(chunks=5, seed=9)
+    second.prompt = "a forest path in the rain"
+    one = Engine.load("tiny", device="cpu", dtype=torch.float32)
+    refs = [_latents(one, job) for job in (first, second)]
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun-warm")  # inherited by the spawned rank
+    pool = RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60, head_share=0.25)
+    try:
+        for job, ref in zip((first, second), refs):
+            torch.testing.assert_close(_latents(pool, job), ref, rtol=1e-4, atol=1e-4)
+        assert sorted(pool.engine.warm_graphs.spans) == [36, 72, 108] and pool.healthy
+    finally:
+        pool.close()
+
+
 def test_cancel_releases_ranks_and_next_job_is_correct():
     job = _job()
     one = Engine.load("tiny", device="cpu", dtype=torch.float32)

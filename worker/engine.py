@@ -86,6 +86,7 @@ class Engine:
         self.device, self.sp = device, sp
         self.ranks_in_sync = True
         self.cuda_graphs: str | None = None  # None: LINGBOT_CUDA_GRAPHS, read per job (configure)
+        self.warm_graphs = None  # chunk_graphs.JobGraphs kept across jobs under LINGBOT_CUDA_GRAPHS=warm
         self._lock = threading.Lock()  # the VAE stream and the KV cache are per job: one job at a time
         self._fixed_context: torch.Tensor | None = None
 
@@ -94,6 +95,8 @@ class Engine:
         of LINGBOT_CUDA_GRAPHS. Benchmarks compare settings in one process with it."""
         if cuda_graphs is not None:
             self.cuda_graphs = chunk_graphs.check_mode(cuda_graphs, "cuda_graphs")
+            if not self.cuda_graphs.endswith("warm"):
+                self.warm_graphs = None  # kept graphs and their cache: no job of this mode uses them
 
     # --- construction -----------------------------------------------------------------------------------
     @classmethod

@@ -30,7 +30,6 @@ import torch
 from worker.camera import iter_camera_condition
 from worker.config import CHUNK_LATENT_FRAMES, VAE_STRIDE, VAE_Z_DIM, MASK_CHANNELS, pixel_frames_for_chunk
 from worker.models import chunk_graphs
-from worker.models.chunk_graphs import ChunkGraphs
 from worker.models.dit import to_device
 from worker.models.kv_cache import KVCache
 from worker.schedule import dmd_schedule
@@ -165,20 +164,23 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
     engine.ranks_in_sync = True
     time_emb = {t: dit.time_embedding_for(t) for t in (*sched.timesteps, 0)}
     pt, ph, pw = dit.cfg.patch_size
-    cache = KVCache(
-        num_layers=dit.cfg.num_layers,
-        frame_tokens=(lat_h // ph) * (lat_w // pw),
-        total_frames=n_lat // pt,
-        sink=job.kv_sink,
-        window=job.kv_window,
-        heads=sp.local_heads(dit.cfg.num_heads),
-        head_dim=dit.cfg.head_dim,
-        dtype=dit.dtype,
-        device=dev,
-    )
-    cameras = job.camera_chunks()
+
+    def make_cache(total_frames: int = n_lat // pt) -> KVCache:
+        return KVCache(num_layers=dit.cfg.num_layers, frame_tokens=(lat_h // ph) * (lat_w // pw),
+                       total_frames=total_frames, sink=job.kv_sink, window=job.kv_window,
+                       heads=sp.local_heads(dit.cfg.num_heads), head_dim=dit.cfg.head_dim, dtype=dit.dtype,
+                       device=dev)
+
     graph_mode = chunk_graphs.resolve(engine.cuda_graphs)
-    use_graphs, graphs = chunk_graphs.wanted(dev, sp, graph_mode), None
+    if chunk_graphs.wanted(dev, sp, graph_mode):
+        key = (lat_h, lat_w, job.kv_sink, job.kv_window, sp.leader_share, sp.leader_head_share)
+        # Kept graphs outlive the job: their cache holds the longest span any job of this geometry can have.
+        graphs = chunk_graphs.JobGraphs.for_job(engine, graph_mode, key, text_kv, job_cache=make_cache,
+                                                kept_cache=lambda: make_cache(job.kv_sink + job.kv_window))
+        cache = graphs.cache
+    else:
+        graphs, cache = None, make_cache()
+    cameras = job.camera_chunks()
     conditions = engine.condition_stream(job.image, job.num_chunks) if leader else None
     finished = False
     at_boundary = True  # True while every rank waits at the same point (a chunk boundary)
@@ -201,15 +203,16 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                     "condition_layers": float(engine.vae.condition_layers_run[0])} if leader else {}
             f0 = c * CHUNK_LATENT_FRAMES
             ctx = dit.prepare_chunk(plucker, f0, cache, sp)
-            if graphs is not None:
-                graphs.load_chunk(ctx, y)
+            replay = graphs.lookup() if graphs is not None else None
+            if replay is not None:
+                replay.buffers.load_chunk(ctx, y)
             if leader:
-                cond["graph_replay"] = float(graphs is not None)
+                cond["graph_replay"] = float(replay is not None)
             x = noise[:, :, f0 : f0 + CHUNK_LATENT_FRAMES]
             x0 = x
             for i, t in enumerate(sched.timesteps):
-                if graphs is not None:
-                    v = graphs.denoise(x, time_emb[t])
+                if replay is not None:
+                    v = replay.denoise(x, time_emb[t])
                 else:
                     v = dit(x, y, t, text_kv, ctx, sp, time_emb=time_emb[t])
                 x0 = (x.double() - sched.x0_sigmas[i] * v.double()).float()
@@ -217,13 +220,13 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                     s = sched.renoise_sigmas[i]
                     eps = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
                     x = (1 - s) * x0 + s * eps
-            if graphs is not None:
-                graphs.refresh(x0)
+            if replay is not None:
+                replay.refresh(x0)
             else:
                 dit(x0, y, 0, text_kv, ctx, sp, cache_only=True, time_emb=time_emb[0])
-                if use_graphs and cache.full and c + 1 < job.num_chunks:
-                    graphs = ChunkGraphs.capture(dit, sp, text_kv, ctx, x0, y, time_emb[sched.timesteps[0]],
-                                                 time_emb[0], rerun=graph_mode == "rerun")
+                if graphs is not None:
+                    graphs.after_eager_chunk(dit, sp, text_kv, ctx, x0, y, time_emb[sched.timesteps[0]],
+                                             time_emb[0], more_chunks=c + 1 < job.num_chunks)
             del ctx
             at_boundary = True
             last_done = c

@@ -16,10 +16,11 @@ and costs more than the graphs save. So `auto` uses graphs from AUTO_MIN_RANKS r
 (they point at that job's cache and text K/V); capture costs well under a second, once, after the first steady
 chunk.
 
-LINGBOT_CUDA_GRAPHS: `auto` (default: 4+ CUDA ranks), `1` (any CUDA device), `0` (never), or `rerun`: a
-stand-in that "replays" by running the captured forward again, eagerly, on the same fixed buffers. It runs on the
-CPU, so the tests can check the buffer plumbing a real graph depends on (a buffer not refreshed per chunk gives
-wrong latents there too).
+LINGBOT_CUDA_GRAPHS: `auto` (default: 4+ CUDA ranks), `1` (any CUDA device), `0` (never), `warm` (every span of
+the cache captured once and kept across jobs of one geometry, so a job replays from its first chunk: not measured
+yet, see JobGraphs), or `rerun` / `rerun-warm`: a stand-in for `1` / `warm` that "replays" by running the captured
+forward again, eagerly, on the same fixed buffers. It runs on the CPU, so the tests can check the buffer plumbing
+a real graph depends on (a buffer not refreshed per chunk gives wrong latents there too).
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ import torch
 import torch.distributed as dist
 
 from worker.models.dit import ChunkContext, LingBotDiT
+from worker.models.kv_cache import KVCache
 from worker.parallel.sp import SequenceParallel
 
 log = logging.getLogger("worker.graphs")
 
-MODES = ("auto", "0", "1", "rerun")
+MODES = ("auto", "0", "1", "warm", "rerun", "rerun-warm")
 AUTO_MIN_RANKS = 4
 
 
@@ -59,11 +61,11 @@ def resolve(mode: str | None) -> str:
 def wanted(device: torch.device, sp: SequenceParallel, mode: str | None = None) -> bool:
     """Whether this job's steady chunks should run as graphs (the same answer on every rank)."""
     mode = resolve(mode)
-    if mode == "rerun":
+    if mode.startswith("rerun"):
         return True
     if device.type != "cuda" or mode == "0":
         return False
-    return mode == "1" or sp.world >= AUTO_MIN_RANKS
+    return mode in ("1", "warm") or sp.world >= AUTO_MIN_RANKS
 
 
 class _Rerun:
@@ -96,50 +98,27 @@ class _Graph:
         return self.out
 
 
-class ChunkGraphs:
-    """The denoising forward and the cache refresh of one job's steady chunks, as replayable graphs."""
+class ChunkBuffers:
+    """The fixed inputs every graph of one geometry reads, refilled per job (text K/V, when the buffers outlive
+    the job), per chunk (condition, RoPE tables, camera modulation) and per forward (latents, time embedding)."""
 
-    def __init__(self, dit: LingBotDiT, sp: SequenceParallel, text_kv: list, ctx: ChunkContext, x: torch.Tensor,
-                 y: torch.Tensor, time_emb: tuple[torch.Tensor, torch.Tensor],
-                 refresh_emb: tuple[torch.Tensor, torch.Tensor], rerun: bool = False) -> None:
-        # Fixed buffers, filled per chunk (load_chunk) and per forward (denoise / refresh).
+    def __init__(self, ctx: ChunkContext, x: torch.Tensor, y: torch.Tensor, time_emb: tuple[torch.Tensor, ...],
+                 refresh_emb: tuple[torch.Tensor, ...], text_kv: list, own_text_kv: bool) -> None:
         self.x, self.y = x.clone(), y.clone()
         self.emb = tuple(t.clone() for t in time_emb)
+        self.refresh_emb = tuple(t.clone() for t in refresh_emb)  # t = 0: the same for every job
         self.ctx = ChunkContext(ctx.grid, ctx.start_frame, ctx.num_tokens, ctx.cos.clone(), ctx.sin.clone(),
                                 [t.clone() for t in ctx.cam_scale], [t.clone() for t in ctx.cam_shift], ctx.cache,
                                 ctx.attn_mask)
-        ctx.cache.index_slots()
-        pool = None if rerun else torch.cuda.graph_pool_handle()
-        self._denoise, self._refresh = (_Rerun() if rerun else _Graph(pool) for _ in range(2))
-        # Capture order matters for `rerun`, which runs both: the refresh last leaves the clean chunk's K/V.
-        self._denoise.capture(lambda: dit(self.x, self.y, 0.0, text_kv, self.ctx, sp, time_emb=self.emb))
-        self._refresh.capture(lambda: dit(self.x, self.y, 0.0, text_kv, self.ctx, sp, cache_only=True,
-                                          time_emb=refresh_emb))
+        self.text_kv = [(k.clone(), v.clone()) for k, v in text_kv] if own_text_kv else text_kv
 
-    @classmethod
-    def capture(cls, dit: LingBotDiT, sp: SequenceParallel, text_kv: list, ctx: ChunkContext, x: torch.Tensor,
-                y: torch.Tensor, time_emb: tuple[torch.Tensor, torch.Tensor],
-                refresh_emb: tuple[torch.Tensor, torch.Tensor], rerun: bool = False) -> ChunkGraphs | None:
-        """Capture after a steady chunk ran eagerly (every kernel and collective already warm). Every rank must
-        call this at the same chunk; they agree on the outcome, so a capture that fails on one rank sends all of
-        them back to eager forwards instead of leaving them out of step. Capturing runs nothing: the cache and
-        the buffers keep what the eager chunk left. rerun: the CPU stand-in instead of CUDA graphs."""
-        try:
-            graphs = cls(dit, sp, text_kv, ctx, x, y, time_emb, refresh_emb, rerun)
-        except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured: eager forwards still work
-            log.warning("CUDA graph capture failed, staying eager: %s: %s", type(exc).__name__, str(exc)[:500])
-            graphs = None
-        if sp.enabled:
-            ok = torch.tensor([graphs is not None], dtype=torch.int32, device=x.device)
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=sp.group)
-            if not ok.item():
-                if graphs is not None:
-                    log.warning("CUDA graph capture failed on another rank, staying eager")
-                return None
-        return graphs
+    def load_job(self, text_kv: list) -> None:
+        for (dst_k, dst_v), (k, v) in zip(self.text_kv, text_kv):
+            dst_k.copy_(k)
+            dst_v.copy_(v)
 
     def load_chunk(self, ctx: ChunkContext, y: torch.Tensor) -> None:
-        """This chunk's inputs into the fixed buffers (its cache slots went to the device index in begin_chunk)."""
+        """This chunk's inputs (its cache slots went to the device index in begin_chunk)."""
         static = self.ctx
         static.cos.copy_(ctx.cos)
         static.sin.copy_(ctx.sin)
@@ -147,15 +126,99 @@ class ChunkGraphs:
             dst.copy_(src)
         self.y.copy_(y)
 
+
+class ChunkGraphs:
+    """The denoising forward and the cache refresh at one span of the K/V cache, as replayable graphs."""
+
+    def __init__(self, dit: LingBotDiT, sp: SequenceParallel, buffers: ChunkBuffers, pool, rerun: bool) -> None:
+        b = self.buffers = buffers
+        self._denoise, self._refresh = (_Rerun() if rerun else _Graph(pool) for _ in range(2))
+        # Capture order matters for `rerun`, which runs both: the refresh last leaves the clean chunk's K/V.
+        self._denoise.capture(lambda: dit(b.x, b.y, 0.0, b.text_kv, b.ctx, sp, time_emb=b.emb))
+        self._refresh.capture(lambda: dit(b.x, b.y, 0.0, b.text_kv, b.ctx, sp, cache_only=True,
+                                          time_emb=b.refresh_emb))
+
     def denoise(self, x: torch.Tensor, time_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """The flow prediction for x at this step's time embedding. The result is a fixed buffer that the next
         replay overwrites: use it before the next call."""
-        self.x.copy_(x)
-        for dst, src in zip(self.emb, time_emb):
+        self.buffers.x.copy_(x)
+        for dst, src in zip(self.buffers.emb, time_emb):
             dst.copy_(src)
         return self._denoise.replay()
 
     def refresh(self, x0: torch.Tensor) -> None:
         """Write the clean chunk's K/V into the cache."""
-        self.x.copy_(x0)
+        self.buffers.x.copy_(x0)
         self._refresh.replay()
+
+
+class JobGraphs:
+    """Which graphs a job replays, and when it captures them. Graphs are keyed by the cache's span (its valid
+    tokens), the only thing that differs between the forwards of two chunks of one geometry.
+
+    - `auto` / `1`: the full span is captured after the first steady chunk and replayed for the rest of the job;
+      graphs, fixed buffers and cache go with the job.
+    - `warm`: every span is captured, once, after the first chunk that reaches it, and kept on the engine with
+      the cache and the fixed buffers, so later jobs of the same geometry replay from their first chunk on. The
+      engine keeps one geometry, the latest (a job of another geometry replaces it).
+    - `rerun`, `rerun-warm`: `1` and `warm` with the CPU stand-in.
+    """
+
+    def __init__(self, key: tuple, cache: KVCache, keep_all_spans: bool, rerun: bool) -> None:
+        self.key, self.cache = key, cache
+        self.keep_all_spans, self.rerun = keep_all_spans, rerun
+        self.buffers: ChunkBuffers | None = None
+        self.spans: dict[int, ChunkGraphs | None] = {}  # valid tokens -> graphs (None: the capture failed)
+        self.pool = None if rerun or not torch.cuda.is_available() else torch.cuda.graph_pool_handle()
+        cache.index_slots()
+
+    @classmethod
+    def for_job(cls, engine, mode: str, key: tuple, text_kv: list, *, job_cache: Callable[[], KVCache],
+                kept_cache: Callable[[], KVCache]) -> JobGraphs:
+        """This job's graphs: for `warm`, the set an earlier job of this geometry left on the engine (refilled
+        with this job's text K/V), else a new one (with a cache from kept_cache, which it keeps); otherwise a
+        set for this job alone (with a cache from job_cache)."""
+        rerun = mode.startswith("rerun")
+        if not mode.endswith("warm"):
+            engine.warm_graphs = None  # a kept set no job uses any more
+            return cls(key, job_cache(), keep_all_spans=False, rerun=rerun)
+        warm = engine.warm_graphs
+        if warm is None or warm.key != key:
+            engine.warm_graphs = None  # the old geometry's cache and graphs go before the new ones are made
+            warm = engine.warm_graphs = cls(key, kept_cache(), keep_all_spans=True, rerun=rerun)
+        elif warm.buffers is not None:
+            warm.buffers.load_job(text_kv)
+        return warm
+
+    def lookup(self) -> ChunkGraphs | None:
+        """The graphs for the cache's span after this chunk's begin_chunk, if captured."""
+        return self.spans.get(self.cache.valid_tokens)
+
+    def after_eager_chunk(self, dit: LingBotDiT, sp: SequenceParallel, text_kv: list, ctx: ChunkContext,
+                          x0: torch.Tensor, y: torch.Tensor, time_emb: tuple, refresh_emb: tuple,
+                          more_chunks: bool) -> None:
+        """Capture this span's graphs if this job's mode wants them and they are not there yet. Every rank calls
+        this after the same chunk; they agree on the outcome, so a capture that fails on one rank sends all of
+        them back to eager forwards instead of leaving them out of step. Capturing runs nothing (except under
+        `rerun`): the cache and the buffers keep what the eager chunk left."""
+        span = self.cache.valid_tokens
+        if span in self.spans or not (self.keep_all_spans or (self.cache.full and more_chunks)):
+            return
+        try:
+            if self.buffers is None:
+                self.buffers = ChunkBuffers(ctx, x0, y, time_emb, refresh_emb, text_kv, own_text_kv=self.keep_all_spans)
+            else:  # this chunk's inputs, as a capture that runs (`rerun`) must rewrite this chunk's K/V from them
+                self.buffers.load_chunk(ctx, y)
+                self.buffers.x.copy_(x0)
+            graphs = ChunkGraphs(dit, sp, self.buffers, self.pool, self.rerun)
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured: eager forwards still work
+            log.warning("CUDA graph capture failed, staying eager: %s: %s", type(exc).__name__, str(exc)[:500])
+            graphs = None
+        if sp.enabled:
+            ok = torch.tensor([graphs is not None], dtype=torch.int32, device=x0.device)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=sp.group)
+            if not ok.item():
+                if graphs is not None:
+                    log.warning("CUDA graph capture failed on another rank, staying eager")
+                graphs = None
+        self.spans[span] = graphs

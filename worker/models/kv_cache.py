@@ -43,7 +43,8 @@ class KVCache:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.valid_tokens = 0
         self._runs: list[tuple[int, int, int]] = []
-        self._index: torch.Tensor | None = None  # the chunk's slot tokens on the device (index_slots)
+        self._indexed = False  # index_slots() was called
+        self._index: torch.Tensor | None = None  # the chunk's slot tokens on the device, once a chunk began
 
     @property
     def full(self) -> bool:
@@ -53,12 +54,15 @@ class KVCache:
     def index_slots(self) -> None:
         """Write through a device-side index of the chunk's slot tokens from now on, instead of slices chosen on
         the host: every chunk then runs the same kernels on the same buffers, which a CUDA graph needs
-        (worker/models/chunk_graphs.py). The index is refilled by each begin_chunk."""
-        self._index = torch.empty(sum(n for _, _, n in self._runs), dtype=torch.long, device=self.k[0].device)
-        self._fill_index()
+        (worker/models/chunk_graphs.py). The index is refilled by each begin_chunk, in place."""
+        self._indexed = True
+        if self._runs:
+            self._fill_index()
 
     def _fill_index(self) -> None:
         tokens = torch.cat([torch.arange(dst, dst + n) for _, dst, n in self._runs])
+        if self._index is None:
+            self._index = torch.empty_like(tokens, device=self.k[0].device)
         if self._index.shape != tokens.shape:
             raise ValueError(f"a chunk of {tokens.numel()} tokens after chunks of {self._index.numel()}")
         if self._index.is_cuda:  # from pinned memory: queued, no wait for the stream
@@ -84,13 +88,13 @@ class KVCache:
                 runs.append((i * ft, dst, ft))
         self._runs = runs
         self.valid_tokens = min(start_frame + num_frames, self.capacity_frames) * ft
-        if self._index is not None:
+        if self._indexed:
             self._fill_index()
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this chunk's roped k/v ([B, L, H, D]) and return the keys/values attention should see."""
         ck, cv = self.k[layer], self.v[layer]
-        if self._index is not None:
+        if self._indexed:
             ck.index_copy_(1, self._index, k)
             cv.index_copy_(1, self._index, v)
             return self.visible(layer)
@@ -104,7 +108,7 @@ class KVCache:
         place (the sequence-parallel exchange receives straight into them); None where the chunk's frames are
         not one run of slots (a window that is not a multiple of the chunk wraps inside a chunk) or B > 1, and
         where the slots are written through the device-side index (index_slots)."""
-        if self._index is not None or len(self._runs) != 1 or self._runs[0][0] != 0:
+        if self._indexed or len(self._runs) != 1 or self._runs[0][0] != 0:
             return None
         _, dst, n = self._runs[0]
         k, v = self.k[layer][:, dst : dst + n], self.v[layer][:, dst : dst + n]

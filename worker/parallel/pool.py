@@ -25,8 +25,9 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from worker.config import DEFAULT_KV_SINK, DEFAULT_KV_WINDOW, DEFAULT_SIZE
+from worker.config import CHUNK_LATENT_FRAMES, DEFAULT_KV_SINK, DEFAULT_KV_WINDOW, DEFAULT_SIZE
 from worker.engine import Engine, default_device
+from worker.models import chunk_graphs
 from worker.models.attention import backend_setting as attention_backend_setting
 from worker.parallel.sp import DEFAULT_DECODE_COST, SequenceParallel, leader_share_for
 from worker.rollout import ChunkOutput, RolloutJob
@@ -336,13 +337,17 @@ def load_generator(model: str | None, device: str | None, ranks: int | None, *, 
 
 def warmup(gen) -> float:
     """One throw-away chunk at the default size on every rank: kernel compilation, cuDNN plans and the allocator
-    are paid at start-up, not by the first caller. Returns the seconds it took."""
+    are paid at start-up, not by the first caller. Under LINGBOT_CUDA_GRAPHS=warm, as many chunks as it takes to
+    fill the K/V cache, so that every span's graphs are captured here too. Returns the seconds it took."""
     t = time.perf_counter()
     w, h = DEFAULT_SIZE
+    engine = getattr(gen, "engine", gen)
+    kept = chunk_graphs.resolve(engine.cuda_graphs).endswith("warm")
+    chunks = -(-(DEFAULT_KV_SINK + DEFAULT_KV_WINDOW) // CHUNK_LATENT_FRAMES) if kept else 1
     g = torch.Generator().manual_seed(0)
-    job = RolloutJob(prompt="warm-up", image=torch.rand(3, h, w, generator=g) * 2 - 1, num_chunks=1, width=w,
+    job = RolloutJob(prompt="warm-up", image=torch.rand(3, h, w, generator=g) * 2 - 1, num_chunks=chunks, width=w,
                      height=h, seed=0, kv_window=DEFAULT_KV_WINDOW, kv_sink=DEFAULT_KV_SINK)
     for _ in gen.rollout(job):
         pass
-    log.info("warm-up chunk done in %.1f s", time.perf_counter() - t)
+    log.info("warm-up (%d chunk%s) done in %.1f s", chunks, "s" * (chunks > 1), time.perf_counter() - t)
     return time.perf_counter() - t
