@@ -170,7 +170,6 @@ class JobGraphs:
         self.buffers: ChunkBuffers | None = None
         self.spans: dict[int, ChunkGraphs | None] = {}  # valid tokens -> graphs (None: the capture failed)
         self.pool = None if rerun or not torch.cuda.is_available() else torch.cuda.graph_pool_handle()
-        cache.index_slots()
 
     @classmethod
     def for_job(cls, engine, mode: str, key: tuple, text_kv: list, *, job_cache: Callable[[], KVCache],
@@ -204,6 +203,7 @@ class JobGraphs:
         span = self.cache.valid_tokens
         if span in self.spans or not (self.keep_all_spans or (self.cache.full and more_chunks)):
             return
+        self.cache.index_slots()  # from the first capture on (eager chunks before it keep the direct writes)
         try:
             if self.buffers is None:
                 self.buffers = ChunkBuffers(ctx, x0, y, time_emb, refresh_emb, text_kv, own_text_kv=self.keep_all_spans)
