@@ -60,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-cost", help="the leader's frame decode as a fraction of one GPU's DiT time: how much "
                    "less of the DiT's tokens rank 0 takes with 2+ ranks (0 = even; default $LINGBOT_SP_DECODE_COST, "
                    f"else {DEFAULT_DECODE_COST}); a comma-separated list runs one bench per value in one process")
-    b.add_argument("--cuda-graphs", help="CUDA graphs of the steady chunks: auto, 0 or 1 (default "
-                   "$LINGBOT_CUDA_GRAPHS, else auto = with 4+ ranks); a comma-separated list runs one bench per value "
-                   "in one process (with several --decode-cost values: every pair)")
+    b.add_argument("--cuda-graphs", help="CUDA graphs of the DiT forwards: auto (4+ ranks), 0, 1 or warm (every "
+                   "span, kept across jobs; see LINGBOT_CUDA_GRAPHS in docs/PLATFORMS.md); default "
+                   "$LINGBOT_CUDA_GRAPHS, else auto; a comma-separated list runs one bench per value in one process "
+                   "(with several --decode-cost values: every pair)")
     b.add_argument("--save-latents", type=Path, help="write the rollout's latents (torch.save) for cross-run checks")
     b.add_argument("--json", type=Path, help="write the full results as JSON here")
     return ap

@@ -240,9 +240,11 @@ def cmd_bench(a) -> int:
         if len(costs) > 1 and getattr(gen, "world", 1) < 2:
             raise SystemExit("--decode-cost: several values need 2 or more ranks")
         for cost, mode in runs:
+            settings = {"cuda_graphs": mode} if mode is not None else {}
             if len(costs) > 1:
-                gen.configure(decode_cost=cost)
-            gen.configure(cuda_graphs=mode)
+                settings["decode_cost"] = cost
+            if settings:
+                gen.configure(**settings)
             res = run_bench(gen, width=width, height=height, chunks=a.chunks, window=a.kv_window, sink=a.kv_sink,
                             warmup_chunks=a.warmup_chunks, save_latents=_run_path(a.save_latents, cost, mode, runs),
                             decode=not a.no_decode)

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -90,13 +90,17 @@ class Engine:
         self._lock = threading.Lock()  # the VAE stream and the KV cache are per job: one job at a time
         self._fixed_context: torch.Tensor | None = None
 
-    def configure(self, *, cuda_graphs: str | None = None) -> None:
-        """Settings that may change between jobs: the CUDA-graph mode (worker/models/chunk_graphs.py) instead
-        of LINGBOT_CUDA_GRAPHS. Benchmarks compare settings in one process with it."""
+    def configure(self, *, cuda_graphs: str | None = None, leader_share: float | None = None) -> None:
+        """Settings that may change between jobs (None keeps one): the CUDA-graph mode (worker/models/
+        chunk_graphs.py) instead of LINGBOT_CUDA_GRAPHS, and the leader's share of the tokens (worker/parallel/
+        sp.py; every rank of a pool must take the same, RankPool.configure). Benchmarks compare settings in one
+        process with it."""
         if cuda_graphs is not None:
             self.cuda_graphs = chunk_graphs.check_mode(cuda_graphs, "cuda_graphs")
-            if not self.cuda_graphs.endswith("warm"):
+            if not chunk_graphs.keeps_graphs(self.cuda_graphs):
                 self.warm_graphs = None  # kept graphs and their cache: no job of this mode uses them
+        if leader_share is not None:
+            self.sp = replace(self.sp, leader_share=leader_share)
 
     # --- construction -----------------------------------------------------------------------------------
     @classmethod

@@ -58,10 +58,20 @@ def resolve(mode: str | None) -> str:
     return mode_setting() if mode is None else check_mode(mode)
 
 
+def keeps_graphs(mode: str) -> bool:
+    """Whether this mode keeps every span's graphs across jobs (`warm`, `rerun-warm`)."""
+    return mode.endswith("warm")
+
+
+def is_stand_in(mode: str) -> bool:
+    """Whether this mode replays through the CPU stand-in (`rerun`, `rerun-warm`)."""
+    return mode.startswith("rerun")
+
+
 def wanted(device: torch.device, sp: SequenceParallel, mode: str | None = None) -> bool:
     """Whether this job's steady chunks should run as graphs (the same answer on every rank)."""
     mode = resolve(mode)
-    if mode.startswith("rerun"):
+    if is_stand_in(mode):
         return True
     if device.type != "cuda" or mode == "0":
         return False
@@ -177,8 +187,8 @@ class JobGraphs:
         """This job's graphs: for `warm`, the set an earlier job of this geometry left on the engine (refilled
         with this job's text K/V), else a new one (with a cache from kept_cache, which it keeps); otherwise a
         set for this job alone (with a cache from job_cache)."""
-        rerun = mode.startswith("rerun")
-        if not mode.endswith("warm"):
+        rerun = is_stand_in(mode)
+        if not keeps_graphs(mode):
             engine.warm_graphs = None  # a kept set no job uses any more
             return cls(key, job_cache(), keep_all_spans=False, rerun=rerun)
         warm = engine.warm_graphs

@@ -2,8 +2,9 @@
 
 Both directions drive `diffusers.AutoencoderKLWan`'s encoder/decoder with its causal feature cache exactly the way
 its own `_encode` / `_decode` loops do (encoder: frame 0 alone, then groups of 4 pixel frames, in
-worker/models/condition_stream.py; decoder: one latent frame at a time, `first_chunk=True` only for latent frame 0). Because we make the same per-call invocations, in the
-same order, on the same cache, a streamed run reproduces the one-shot result: the decode bit for bit (tested with
+worker/models/condition_stream.py; decoder: one latent frame at a time, `first_chunk=True` only for latent frame
+0). Because we make the same per-call invocations, in the same order, on the same cache, a streamed run
+reproduces the one-shot result: the decode bit for bit (tested with
 torch.equal), the encode up to the 1x1x1 `quant_conv`, which diffusers applies to the whole clip at once and we apply
 per chunk (a pointwise conv; equal bit for bit in practice: checked on CPU fp32 and on an H200 in fp32 and bf16 with
 the full-size VAE at 480x832, both directions torch.equal).
@@ -128,8 +129,9 @@ class StreamingVAE:
     def condition_layers_run(self) -> tuple[int, int]:
         """(encoder layers the last condition chunk ran, layers in all): less than all once its first layers
         reached their fixed point, 0 when the chunk was served from the whole encoder's fixed point."""
-        total = encoder_layer_count(self.vae.encoder)
-        return (self._cond.layers_run, total) if self._cond is not None else (0, total)
+        if self._cond is not None:
+            return self._cond.layers_run, self._cond.num_layers
+        return 0, encoder_layer_count(self.vae.encoder)
 
     @torch.no_grad()
     def encode_condition(self, image: torch.Tensor, num_chunks: int) -> torch.Tensor:

@@ -97,10 +97,7 @@ def _follower_main(rank: int, world: int, port: int, model: str | None, device: 
                 if not engine.ranks_in_sync:
                     raise
         elif cmd == "configure":
-            share, cuda_graphs = msg[1]
-            if share is not None:
-                engine.sp = replace(engine.sp, leader_share=share)
-            engine.configure(cuda_graphs=cuda_graphs)
+            engine.configure(**msg[1])
             conn.send(("ok", None))
         elif cmd == "memory":
             peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
@@ -253,15 +250,14 @@ class RankPool:
     def configure(self, *, decode_cost: float | None = None, cuda_graphs: str | None = None) -> None:
         """From the next job on, on every rank: the token split for this decode cost, and the CUDA-graph mode
         (Engine.configure). Benchmarks compare settings in one process instead of loading the model once each."""
-        share = None if decode_cost is None else leader_share_for(self.world, decode_cost)
-        self.engine.configure(cuda_graphs=cuda_graphs)  # checks the mode before any rank takes it
+        settings = {"cuda_graphs": cuda_graphs,
+                    "leader_share": None if decode_cost is None else leader_share_for(self.world, decode_cost)}
+        self.engine.configure(**settings)  # checks the mode before any other rank takes it
         for rank, conn in enumerate(self.conns, start=1):
-            conn.send(("configure", (share, cuda_graphs)))
+            conn.send(("configure", settings))
             kind, detail = _recv(conn, self.procs[rank - 1], self.timeout_s)
             if kind != "ok":
                 raise RankFailure(f"rank {rank} did not take the new settings: {detail}")
-        if share is not None:
-            self.engine.sp = replace(self.engine.sp, leader_share=share)
 
     def peak_memory(self) -> list[int]:
         """Peak allocated bytes per rank (GPU only; 0 on CPU)."""
@@ -342,7 +338,7 @@ def warmup(gen) -> float:
     t = time.perf_counter()
     w, h = DEFAULT_SIZE
     engine = getattr(gen, "engine", gen)
-    kept = chunk_graphs.resolve(engine.cuda_graphs).endswith("warm")
+    kept = chunk_graphs.keeps_graphs(chunk_graphs.resolve(engine.cuda_graphs))
     chunks = -(-(DEFAULT_KV_SINK + DEFAULT_KV_WINDOW) // CHUNK_LATENT_FRAMES) if kept else 1
     g = torch.Generator().manual_seed(0)
     job = RolloutJob(prompt="warm-up", image=torch.rand(3, h, w, generator=g) * 2 - 1, num_chunks=chunks, width=w,
