@@ -77,13 +77,14 @@ def test_bench_cli_writes_json(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_bench_cli_compares_decode_costs_in_one_process(tmp_path) -> None:
-    """Several --decode-cost and --cuda-graphs values: one rank pool, one bench per pair, each with its own split,
-    graph mode and latents."""
+    """Several --decode-cost and --cuda-graphs values: one rank pool, one bench per combination, each with its own
+    split, graph mode and latents; a named decode priority reaches the leader's rollout."""
     out = tmp_path / "b.json"
     proc = subprocess.run(
         [sys.executable, "-m", "worker", "bench", "--model", "tiny", "--device", "cpu", "--size", "64x48",
          "--ranks", "2", "--chunks", "4", "--kv-window", "6", "--kv-sink", "3", "--warmup-chunks", "0",
-         "--decode-cost", "0,0.5", "--cuda-graphs", "0,rerun", "--save-latents", str(tmp_path / "lat.pt"),
+         "--decode-cost", "0,0.5", "--cuda-graphs", "0,rerun", "--decode-priority", "high",
+         "--save-latents", str(tmp_path / "lat.pt"),
          "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
@@ -91,12 +92,13 @@ def test_bench_cli_compares_decode_costs_in_one_process(tmp_path) -> None:
     runs = json.loads(out.read_text())
     assert [(r["decode_cost"], r["cuda_graphs"]) for r in runs] == [(0.0, "0"), (0.5, "0"), (0.0, "rerun"),
                                                                      (0.5, "rerun")]
+    assert {r["decode_priority"] for r in runs} == {"high"}
     # 36 tokens per chunk at 64x48: even, then the leader at (1 - 0.5) / 2 = 25% of them
     assert [tuple(r["sp_split"]["tokens"]) for r in runs[:2]] == [(18, 18), (9, 27)]
     # the graph mode reached every rank: the replays ran (the cache is full from chunk 2 on; 4 chunks)
     assert [r["graph_replay_chunks"] for r in runs] == [[], [], [3], [3]]
-    ref = torch.load(tmp_path / "lat_d0_g0.pt")
-    for tag in ("d0.5_g0", "d0_grerun", "d0.5_grerun"):  # the split and the replays move work, not results
+    ref = torch.load(tmp_path / "lat_g0_d0.pt")
+    for tag in ("g0_d0.5", "grerun_d0", "grerun_d0.5"):  # the split and the replays move work, not results
         torch.testing.assert_close(torch.load(tmp_path / f"lat_{tag}.pt"), ref, rtol=1e-3, atol=1e-3)
 
 
@@ -107,3 +109,14 @@ def test_bench_cli_refuses_a_bad_decode_cost_list() -> None:
     for bad in ("0.1,x", "1.5"):
         with pytest.raises(SystemExit, match="--decode-cost"):
             _decode_costs(bad)
+
+
+def test_decode_priority_setting(monkeypatch) -> None:
+    from worker.rollout import decode_priority
+
+    monkeypatch.delenv("LINGBOT_DECODE_PRIORITY", raising=False)
+    assert decode_priority(None) == "low"
+    monkeypatch.setenv("LINGBOT_DECODE_PRIORITY", "HIGH")
+    assert decode_priority(None) == "high" and decode_priority("low") == "low"  # an engine's own setting wins
+    with pytest.raises(ValueError, match="must be one of low, high"):
+        decode_priority("urgent")

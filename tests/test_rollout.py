@@ -45,7 +45,7 @@ def _events(engine, monkeypatch) -> list[tuple[str, int]]:
     monkeypatch.setattr(engine.dit, "forward", forward)
     monkeypatch.setattr(engine.vae, "decode_chunk", decode_chunk)
     chunks = list(engine.rollout(_job()))
-    assert [c.index for c in chunks] == [0, 1] and all(c.video is not None for c in chunks)
+    assert [c.index for c in chunks] == [0, 1] and all(c.frames is not None for c in chunks)
     return events
 
 

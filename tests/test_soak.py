@@ -37,6 +37,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -104,8 +105,9 @@ def bad_request(kind: str, i: int) -> tuple[dict, str]:
     raise ValueError(kind)
 
 
-def _sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().to("cpu").contiguous().numpy().tobytes()).hexdigest()[:16]
+def _sha(t: torch.Tensor | np.ndarray) -> str:
+    a = t.detach().to("cpu").contiguous().numpy() if isinstance(t, torch.Tensor) else np.ascontiguousarray(t)
+    return hashlib.sha256(a.tobytes()).hexdigest()[:16]
 
 
 class Recording:
@@ -117,7 +119,7 @@ class Recording:
 
     def rollout(self, job):
         for c in self.generator.rollout(job):
-            self.chunks.append(f"{c.index}:{c.frame_start}:{_sha(c.latents)}:{_sha(c.video)}")
+            self.chunks.append(f"{c.index}:{c.frame_start}:{_sha(c.latents)}:{_sha(c.frames)}")
             yield c
 
 

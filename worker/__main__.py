@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cuda-graphs", help="CUDA graphs of the DiT forwards: auto (4+ ranks), 0, 1 or warm (every "
                    "span, kept across jobs; see LINGBOT_CUDA_GRAPHS in docs/PLATFORMS.md); default "
                    "$LINGBOT_CUDA_GRAPHS, else auto; a comma-separated list runs one bench per value in one process "
-                   "(with several --decode-cost values: every pair)")
+                   "(with lists of several settings: every combination)")
+    b.add_argument("--decode-priority", help="the leader's decode stream for chunks after the first: low (fills "
+                   "the DiT's idle SMs) or high (ahead of the DiT); default $LINGBOT_DECODE_PRIORITY, else low; a "
+                   "comma-separated list runs one bench per value in one process")
     b.add_argument("--save-latents", type=Path, help="write the rollout's latents (torch.save) for cross-run checks")
     b.add_argument("--json", type=Path, help="write the full results as JSON here")
     return ap

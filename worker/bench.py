@@ -8,6 +8,7 @@ for a chunk over the DiT time, against a bf16 matmul peak measured in the same r
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from worker import media
 from worker.config import CHUNK_LATENT_FRAMES, DiTConfig, VAE_STRIDE, pixel_frames_for_chunk
 from worker.models import chunk_graphs
 from worker.models.attention import active_backend
-from worker.rollout import RolloutJob
+from worker.rollout import RolloutJob, decode_priority
 from worker.schedule import dmd_schedule
 
 
@@ -128,10 +129,9 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
         first_chunk_s = None
         for out in generator.rollout(_bench_job(width, height, chunks, window, sink, decode=decode)):
             t0 = time.perf_counter()
-            if out.video is not None:
-                frames = media.frames_to_uint8(out.video)
-                media.encode_frames(frames, "jpeg", 85)
-                mp4.write(frames)
+            if out.frames is not None:
+                media.encode_frames(out.frames, "jpeg", 85)
+                mp4.write(out.frames)
             now = time.perf_counter()
             if first_chunk_s is None:
                 first_chunk_s = now - t_start
@@ -189,6 +189,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
         "peak_memory_gib": [round(m / 2**30, 2) for m in peak_mem], "rows": rows,
         "torch": torch.__version__, "fp8": os.environ.get("LINGBOT_FP8") == "1",
         "attention": active_backend(dev, head_dim=cfg.head_dim),
+        "decode_priority": decode_priority(engine.decode_priority) if decode else None,  # as the leader ran it
         # per-rank tokens of a chunk and heads (worker/parallel/sp.py: the leader takes fewer tokens while it decodes)
         "sp_split": {"tokens": engine.sp.split_tokens(chunk_tokens(cfg, height // VAE_STRIDE[1], width // VAE_STRIDE[2])),
                      "heads": engine.sp.split_heads(cfg.num_heads)},
@@ -229,35 +230,42 @@ def cmd_bench(a) -> int:
     model = a.model or "lingbot-world-fast"
     if a.fp8:
         os.environ["LINGBOT_FP8"] = "1"  # read by Engine.load on every rank (spawned ranks inherit it)
-    costs = [0.0] if a.no_decode else _decode_costs(a.decode_cost)
-    modes = _graph_modes(a.cuda_graphs)
-    if costs != [None]:  # read by RankPool.start; without a decode the split is even
-        os.environ["LINGBOT_SP_DECODE_COST"] = str(costs[0])
-    runs = [(cost, mode) for mode in modes for cost in costs]
+    # One list per setting; a run for every combination, in one process (one model load: same-machine pairs).
+    options = {"cuda_graphs": _modes(a.cuda_graphs, "--cuda-graphs", lambda v: chunk_graphs.check_mode(v, "mode")),
+               "decode_priority": _modes(a.decode_priority, "--decode-priority", decode_priority),
+               "decode_cost": [0.0] if a.no_decode else _decode_costs(a.decode_cost)}
+    if options["decode_cost"] != [None]:  # read by RankPool.start; without a decode the split is even
+        os.environ["LINGBOT_SP_DECODE_COST"] = str(options["decode_cost"][0])
+    runs = [dict(zip(options, values)) for values in itertools.product(*options.values())]
+    varied = [k for k, v in options.items() if len(v) > 1]
     gen = load_generator(model, a.device, a.ranks, text_encoder=False)
     results = []
     try:
-        if len(costs) > 1 and getattr(gen, "world", 1) < 2:
+        if len(options["decode_cost"]) > 1 and getattr(gen, "world", 1) < 2:
             raise SystemExit("--decode-cost: several values need 2 or more ranks")
-        for cost, mode in runs:
-            settings = {"cuda_graphs": mode} if mode is not None else {}
-            if len(costs) > 1:
-                settings["decode_cost"] = cost
+        for run in runs:
+            settings = {k: v for k, v in run.items() if v is not None and (k != "decode_cost" or k in varied)}
             if settings:
                 gen.configure(**settings)
+            tag = "".join(f"_{_TAGS[k]}{run[k]:g}" if isinstance(run[k], float) else f"_{_TAGS[k]}{run[k]}"
+                          for k in varied)  # latents per run: lat_g0_d0.5.pt
+            latents = a.save_latents.with_name(f"{a.save_latents.stem}{tag}{a.save_latents.suffix}") \
+                if a.save_latents is not None and tag else a.save_latents
             res = run_bench(gen, width=width, height=height, chunks=a.chunks, window=a.kv_window, sink=a.kv_sink,
-                            warmup_chunks=a.warmup_chunks, save_latents=_run_path(a.save_latents, cost, mode, runs),
-                            decode=not a.no_decode)
-            res["decode_cost"], res["cuda_graphs"] = cost, mode
+                            warmup_chunks=a.warmup_chunks, save_latents=latents, decode=not a.no_decode)
+            res.update({k: v for k, v in run.items() if k != "decode_priority"})
             res["command"] = "python -m worker " + " ".join(os.sys.argv[1:])
             print_table(res)
             results.append(res)
+            if a.json:  # after every run: a sweep cut short keeps what it measured
+                a.json.write_text(json.dumps(results[0] if len(runs) == 1 else results, indent=2))
     finally:
         if hasattr(gen, "close"):
             gen.close()
-    if a.json:  # one result, or a list of them for several settings (the same process, one after another)
-        a.json.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
+
+
+_TAGS = {"cuda_graphs": "g", "decode_priority": "p", "decode_cost": "d"}
 
 
 def _decode_costs(spec: str | None) -> list[float | None]:
@@ -274,20 +282,11 @@ def _decode_costs(spec: str | None) -> list[float | None]:
     return costs
 
 
-def _graph_modes(spec: str | None) -> list[str | None]:
-    """--cuda-graphs: one mode, a comma-separated list (one run each, same process), or None for the default."""
+def _modes(spec: str | None, flag: str, check) -> list[str | None]:
+    """A named setting: one value, a comma-separated list (one run each, same process), or None for the default."""
     if spec is None:
         return [None]
     try:
-        return [chunk_graphs.check_mode(v, "--cuda-graphs") for v in spec.split(",")]
+        return [check(v) for v in spec.split(",")]
     except ValueError as exc:
-        raise SystemExit(str(exc)) from None
-
-
-def _run_path(path: Path | None, cost: float | None, mode: str | None, runs: list) -> Path | None:
-    """Where one run's latents go: the path itself, or one file per setting when there are several."""
-    if path is None or len(runs) == 1:
-        return path
-    tag = f"_d{cost:g}" if len({c for c, _ in runs}) > 1 else ""
-    tag += f"_g{mode}" if len({m for _, m in runs}) > 1 else ""
-    return path.with_name(f"{path.stem}{tag}{path.suffix}")
+        raise SystemExit(f"{flag}: {exc}") from None

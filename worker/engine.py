@@ -20,6 +20,7 @@ from worker.models.loading import ModelSource, load_dit, load_text_encoder_for, 
 from worker.models.vae import StreamingVAE
 from worker.parallel.sp import SINGLE, SequenceParallel
 from worker.rollout import ChunkOutput, RolloutJob, rollout
+from worker.rollout import decode_priority as rollout_decode_priority
 
 log = logging.getLogger("worker.engine")
 
@@ -87,14 +88,19 @@ class Engine:
         self.ranks_in_sync = True
         self.cuda_graphs: str | None = None  # None: LINGBOT_CUDA_GRAPHS, read per job (configure)
         self.warm_graphs = None  # chunk_graphs.JobGraphs kept across jobs under LINGBOT_CUDA_GRAPHS=warm
+        self.decode_priority: str | None = None  # None: LINGBOT_DECODE_PRIORITY (rollout.decode_priority)
         self._lock = threading.Lock()  # the VAE stream and the KV cache are per job: one job at a time
         self._fixed_context: torch.Tensor | None = None
 
-    def configure(self, *, cuda_graphs: str | None = None, leader_share: float | None = None) -> None:
+    def configure(self, *, cuda_graphs: str | None = None, leader_share: float | None = None,
+                  decode_priority: str | None = None) -> None:
         """Settings that may change between jobs (None keeps one): the CUDA-graph mode (worker/models/
-        chunk_graphs.py) instead of LINGBOT_CUDA_GRAPHS, and the leader's share of the tokens (worker/parallel/
-        sp.py; every rank of a pool must take the same, RankPool.configure). Benchmarks compare settings in one
-        process with it."""
+        chunk_graphs.py) instead of LINGBOT_CUDA_GRAPHS, the leader's share of the tokens (worker/parallel/
+        sp.py; every rank of a pool must take the same, RankPool.configure) and the decode stream's priority
+        (rollout.decode_priority) instead of LINGBOT_DECODE_PRIORITY. Benchmarks compare settings in one process
+        with it."""
+        if decode_priority is not None:
+            self.decode_priority = rollout_decode_priority(decode_priority)
         if cuda_graphs is not None:
             self.cuda_graphs = chunk_graphs.check_mode(cuda_graphs, "cuda_graphs")
             if not chunk_graphs.keeps_graphs(self.cuda_graphs):

@@ -19,14 +19,17 @@ the next chunk boundary instead of leaving them inside a collective.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from worker import media
 from worker.camera import iter_camera_condition
 from worker.config import CHUNK_LATENT_FRAMES, VAE_STRIDE, VAE_Z_DIM, MASK_CHANNELS, pixel_frames_for_chunk
 from worker.models import chunk_graphs
@@ -51,7 +54,7 @@ class RolloutJob:
     camera_actions: list[list[str]] | None = None  # one key set per latent frame, or
     poses: list | None = None  # official c2w per pixel frame, with
     intrinsics: list | None = None  # [fx, fy, cx, cy] for 480x832
-    decode: bool = True  # False: latents only (benchmarks of the DiT alone); ChunkOutput.video is None
+    decode: bool = True  # False: latents only (benchmarks of the DiT alone); ChunkOutput.frames is None
 
     def camera_chunks(self) -> Iterator[torch.Tensor]:
         """[1, 384, 3, H/8, W/8] per chunk; every rank builds it from the job, so only the spec travels."""
@@ -69,7 +72,10 @@ class RolloutJob:
 class ChunkOutput:
     index: int
     frame_start: int  # index of the first pixel frame of this chunk in the whole video
-    video: torch.Tensor | None  # [3, T, H, W] in [-1, 1], on the engine's device (None if job.decode is False)
+    # uint8 RGB [T, H, W, 3] on the host (None if job.decode is False). Made on the decoder's own stream and
+    # thread, so a consumer never reads device memory another stream may still be writing, and the wait for the
+    # GPU lands in the pipeline stage that owns the work.
+    frames: np.ndarray | None
     latents: torch.Tensor  # [16, 3, H/8, W/8] fp32, the chunk's clean x0
     stats: dict[str, float] = field(default_factory=dict)  # dit_ms, decode_ms, condition_cached, condition_layers
 
@@ -106,6 +112,23 @@ def _priorities() -> tuple[int, int, int]:
     least, greatest = torch.cuda.Stream.priority_range()
     dit = greatest + 1 if greatest + 1 < least else greatest
     return greatest, dit, least
+
+
+DECODE_PRIORITIES = ("low", "high")
+
+
+def decode_priority(value: str | None) -> str:
+    """The leader's decode stream priority for chunks after the first: an engine's own setting (Engine.configure),
+    else LINGBOT_DECODE_PRIORITY, else `low`.
+
+    `low`: the decoder fills the SMs the DiT leaves idle (one GPU, where the DiT is the whole critical path).
+    `high`: the decoder goes ahead of the DiT, like the first chunk's. With the DiT as CUDA graph replays the leader
+    has a whole chunk of DiT kernels queued ahead of the decoder's, and a low-priority decoder only runs in the
+    gaps; on several ranks the leader's smaller token share (LINGBOT_SP_DECODE_COST) is what pays for it instead."""
+    value = (value if value is not None else os.environ.get("LINGBOT_DECODE_PRIORITY", "low")).strip().lower()
+    if value not in DECODE_PRIORITIES:
+        raise ValueError(f"decode priority {value!r}: must be one of {', '.join(DECODE_PRIORITIES)}")
+    return value
 
 
 def _stream(device: torch.device, priority: int):
@@ -308,6 +331,8 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
             decoder = engine.decoder()
             frame_start = 0
             first, _, later = _priorities() if dev.type == "cuda" else (0, 0, 0)
+            if decode_priority(engine.decode_priority) == "high":
+                later = first
             with torch.inference_mode(), _stream(dev, later):
                 while True:
                     try:
@@ -325,16 +350,19 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                     dit_stats["dit_ms"] = _wait_ms(*marks)  # x0 is ready once the DiT stream is past the mark
                     t1 = time.perf_counter()
                     n_frames = pixel_frames_for_chunk(c)
-                    video = None
+                    frames = None
                     if job.decode:
                         with _stream(dev, first) if c == 0 else contextlib.nullcontext():
                             video = decoder.decode_chunk(x0[0])
                             first_queued.set()
-                            _sync(dev)
-                        assert video.shape[1] == n_frames, (video.shape, n_frames)
+                            # On this stream, after the decode: the copy to the host waits for exactly the
+                            # decoder's kernels (and releases the GIL meanwhile).
+                            frames = media.frames_to_uint8(video)
+                            del video
+                        assert frames.shape[0] == n_frames, (frames.shape, n_frames)
                     first_queued.set()
                     stats = {**dit_stats, "decode_ms": (time.perf_counter() - t1) * 1e3}
-                    if not put(out, ChunkOutput(c, frame_start, video, x0[0], stats), until=cancelled):
+                    if not put(out, ChunkOutput(c, frame_start, frames, x0[0], stats), until=cancelled):
                         break
                     frame_start += n_frames
         except BaseException as exc:  # noqa: BLE001

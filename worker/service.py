@@ -102,7 +102,7 @@ class JobRunner:
             t_prev = t_loop
             for chunk in self.generator.rollout(job):
                 t_enc = time.perf_counter()
-                frames = media.frames_to_uint8(chunk.video)
+                frames = chunk.frames
                 mp4.write(frames)
                 parts = self._encode_parts(frames, stream)
                 now = time.perf_counter()

@@ -106,7 +106,34 @@ def _follower_main(rank: int, world: int, port: int, model: str | None, device: 
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             conn.send(("ok", None))
-    dist.destroy_process_group()
+    _end_group(engine)
+
+
+def _end_group(engine: Engine | None, timeout_s: float = 20.0) -> None:
+    """Leave the process group without hanging the caller. Graphs kept across jobs hold NCCL work captured on the
+    communicator: they go first, after the device has finished with them. A destroy that still does not return
+    (a peer already killed) is left behind in a daemon thread: the process is closing anyway."""
+    if engine is not None:
+        engine.warm_graphs = None
+        if engine.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(engine.device)
+            except RuntimeError as exc:  # a device error of the last job: teardown goes on regardless
+                log.warning("device error at teardown: %s", exc)
+    if not dist.is_initialized():
+        return
+    done = threading.Event()
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a broken group is gone either way
+            pass
+        done.set()
+
+    threading.Thread(target=destroy, name="destroy-process-group", daemon=True).start()
+    if not done.wait(timeout_s):
+        log.warning("process group teardown did not finish within %.0f s; leaving it to process exit", timeout_s)
 
 
 class RankPool:
@@ -247,9 +274,12 @@ class RankPool:
             if kind == "error" and completed:
                 self._mark_unhealthy(f"rank {rank} failed: {detail}")
 
-    def configure(self, *, decode_cost: float | None = None, cuda_graphs: str | None = None) -> None:
+    def configure(self, *, decode_cost: float | None = None, cuda_graphs: str | None = None,
+                  decode_priority: str | None = None) -> None:
         """From the next job on, on every rank: the token split for this decode cost, and the CUDA-graph mode
-        (Engine.configure). Benchmarks compare settings in one process instead of loading the model once each."""
+        (Engine.configure); on the leader, which decodes, the decode stream's priority. Benchmarks compare
+        settings in one process instead of loading the model once each."""
+        self.engine.configure(decode_priority=decode_priority)
         settings = {"cuda_graphs": cuda_graphs,
                     "leader_share": None if decode_cost is None else leader_share_for(self.world, decode_cost)}
         self.engine.configure(**settings)  # checks the mode before any other rank takes it
@@ -284,14 +314,10 @@ class RankPool:
             except OSError:
                 pass
         for p in self.procs:
-            p.join(timeout=10)
+            p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001
-                pass
+        _end_group(self.engine)
 
 
 def _recv(conn, proc, timeout_s: float):
