@@ -25,6 +25,7 @@ from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTr
 from PIL import Image
 
 from worker.config import FPS
+from worker.transfer import to_host
 
 ImageFormat = Literal["jpeg", "webp"]
 
@@ -57,7 +58,7 @@ def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
     if video.dim() != 4 or video.shape[0] != 3:
         raise ValueError(f"expected a decoded video shaped [3, T, H, W], got {tuple(video.shape)}")
     x = video.detach().float().clamp(-1.0, 1.0).add(1.0).mul(127.5).round()
-    return x.to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
+    return to_host(x.to(torch.uint8).permute(1, 2, 3, 0).contiguous()).numpy()
 
 
 def _check_frames(frames: np.ndarray) -> None:

@@ -33,9 +33,9 @@ from worker import media
 from worker.camera import iter_camera_condition
 from worker.config import CHUNK_LATENT_FRAMES, VAE_STRIDE, VAE_Z_DIM, MASK_CHANNELS, pixel_frames_for_chunk
 from worker.models import chunk_graphs
-from worker.models.dit import to_device
 from worker.models.kv_cache import KVCache
 from worker.schedule import dmd_schedule
+from worker.transfer import to_device, to_host
 
 _GO, _STOP = 1, 0
 FIRST_FRAMES_FIRST = True  # False: chunk 1's DiT does not wait for chunk 0's decode to be queued (A/B switch)
@@ -159,9 +159,10 @@ def _agree_to_continue(engine, stopping: bool) -> bool:
     round trip here would drain the GPU's queue, so it stays on the host."""
     if not engine.sp.enabled:
         return not stopping
-    leader = engine.sp.is_leader
-    go = _share(engine, torch.tensor([_STOP if stopping else _GO]) if leader else None, (1,), torch.int64)
-    return int(go.item()) == _GO
+    # Made on the device and read back through pinned memory and an event (worker/transfer.py): the read waits for
+    # the chunk queued before it, which is a whole chunk of graph replays.
+    flag = torch.full((1,), _STOP if stopping else _GO, dtype=torch.int64, device=engine.device)
+    return int(to_host(engine.sp.broadcast(flag)).item()) == _GO
 
 
 def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None

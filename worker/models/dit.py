@@ -41,6 +41,7 @@ from worker.models.fused import (
 )
 from worker.models.kv_cache import KVCache
 from worker.parallel.sp import SINGLE, SequenceParallel, consecutive_slices
+from worker.transfer import to_device
 
 
 class RMSNorm(nn.Module):
@@ -93,15 +94,6 @@ def rope_tables(cfg: DiTConfig, start_frame: int, grid: tuple[int, int, int], de
         dim=-1,
     ).reshape(f * h * w, -1)
     return torch.cos(full).float(), torch.sin(full).float()
-
-
-def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Host tensor -> device without a host sync: a copy from pageable memory waits for the whole stream (the
-    GPU would drain at every chunk boundary); from pinned memory it is queued like a kernel."""
-    device = torch.device(device)
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
-    return t.to(device=device, dtype=dtype)
 
 
 # --- per-job and per-chunk context --------------------------------------------------------------------------
