@@ -36,15 +36,17 @@ def test_mode_setting(monkeypatch):
     monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "sometimes")
     with pytest.raises(ValueError, match="LINGBOT_CUDA_GRAPHS"):
         chunk_graphs.mode_setting()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # device types only: nothing runs on them
     monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "auto")
-    assert not chunk_graphs.wanted(torch.device("cpu"), SINGLE)  # auto: CUDA with 4+ ranks only
-    assert not chunk_graphs.wanted(torch.device("cpu"), SequenceParallel(0, 4))
-    assert not chunk_graphs.wanted(torch.device("cuda"), SequenceParallel(0, 2))  # a device type, nothing runs
-    assert chunk_graphs.wanted(torch.device("cuda"), SequenceParallel(0, 4))
+    assert not chunk_graphs.wanted(cpu, SINGLE)  # auto: kept graphs with 4+ CUDA ranks, nothing below
+    assert not chunk_graphs.wanted(cpu, SequenceParallel(0, 4))
+    assert not chunk_graphs.wanted(cuda, SequenceParallel(0, 2))
+    assert chunk_graphs.resolve(None, cuda, SequenceParallel(0, 4)) == "warm"
+    assert chunk_graphs.resolve("1", cuda, SINGLE) == "1" and chunk_graphs.resolve("1", cpu, SINGLE) == "0"
     monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "0")
-    assert not chunk_graphs.wanted(torch.device("cuda"), SequenceParallel(0, 4))
+    assert not chunk_graphs.wanted(cuda, SequenceParallel(0, 4))
     monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun")
-    assert chunk_graphs.wanted(torch.device("cpu"), SINGLE)
+    assert chunk_graphs.wanted(cpu, SINGLE)
 
 
 # window 6: a chunk's frames are one run of slots; window 7: they wrap around the window inside a chunk

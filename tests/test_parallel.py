@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from worker.engine import Engine
 from worker.models.chunk_graphs import ChunkGraphs
 from worker.parallel.pool import RankFailure, RankPool
-from worker.parallel.sp import SequenceParallel, consecutive_slices, leader_share_for
+from worker.parallel.sp import SequenceParallel, consecutive_slices, default_decode_cost, leader_share_for
 from worker.rollout import RolloutJob
 
 pytestmark = pytest.mark.slow
@@ -69,6 +69,9 @@ def test_split_gives_the_leader_its_share_and_everyone_something():
         leader_share_for(2, 1.5)
     with pytest.raises(ValueError, match="over 8 ranks"):
         many.split_tokens(5)
+    # the default decode cost as measured per rank count: 4 ranks give the leader 16% of a chunk's 4680 tokens
+    assert [default_decode_cost(w) for w in (2, 3, 4, 8)] == [0.04, 0.04, 0.12, 0.12]
+    assert SequenceParallel(0, 4, leader_share=leader_share_for(4, default_decode_cost(4))).split_tokens(4680)[0] == 749
 
 
 def _port() -> int:

@@ -103,7 +103,7 @@ class Engine:
             self.decode_priority = rollout_decode_priority(decode_priority)
         if cuda_graphs is not None:
             self.cuda_graphs = chunk_graphs.check_mode(cuda_graphs, "cuda_graphs")
-            if not chunk_graphs.keeps_graphs(self.cuda_graphs):
+            if not chunk_graphs.keeps_graphs(chunk_graphs.resolve(self.cuda_graphs, self.device, self.sp)):
                 self.warm_graphs = None  # kept graphs and their cache: no job of this mode uses them
         if leader_share is not None:
             self.sp = replace(self.sp, leader_share=leader_share)

@@ -195,8 +195,8 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                        heads=sp.local_heads(dit.cfg.num_heads), head_dim=dit.cfg.head_dim, dtype=dit.dtype,
                        device=dev)
 
-    graph_mode = chunk_graphs.resolve(engine.cuda_graphs)
-    if chunk_graphs.wanted(dev, sp, graph_mode):
+    graph_mode = chunk_graphs.resolve(engine.cuda_graphs, dev, sp)
+    if graph_mode != "0":
         key = (lat_h, lat_w, job.kv_sink, job.kv_window, sp.leader_share, sp.leader_head_share)
         # Kept graphs outlive the job: their cache holds the longest span any job of this geometry can have.
         graphs = chunk_graphs.JobGraphs.for_job(engine, graph_mode, key, text_kv, job_cache=make_cache,

@@ -9,18 +9,18 @@ slots it writes. Those go into fixed buffers (the slots as a device-side index, 
 forward becomes one graph replay: one graph serves the four denoising steps, one the cache refresh. NCCL's
 collectives are captured with the rest, so a replay runs a whole forward, exchanges included, with no host work.
 
-Measured (docs/PERFORMANCE.md v17): 4 x H200, end to end 824 -> 719 ms per chunk. Fewer ranks do not gain: one
-GPU's host is far ahead of its GPU already (v15b), and on 2 x H200 (1208 ms with graphs, 1138 without on another
-machine of the kind) the leader's decoder, no longer held back by the DiT thread's launches, co-runs with the DiT
-and costs more than the graphs save. So `auto` uses graphs from AUTO_MIN_RANKS ranks on. Graphs live for one job
-(they point at that job's cache and text K/V); capture costs well under a second, once, after the first steady
-chunk.
+Measured (docs/PERFORMANCE.md v17, v18): 4 x H200, end to end 824 ms per chunk eager, 719 ms with graphs per job
+(v17); in one call of v18, 754 ms with graphs per job and 668 ms with graphs kept across jobs. Fewer ranks do not
+gain: one GPU's host is far ahead of its GPU already (v15b), and on 2 x H200 (1447 ms with graphs against 1203 ms
+eager in one call, v18) the leader's decoder co-runs with the replays and costs more than the graphs save. So
+`auto` keeps graphs from AUTO_MIN_RANKS ranks on and uses none below.
 
-LINGBOT_CUDA_GRAPHS: `auto` (default: 4+ CUDA ranks), `1` (any CUDA device), `0` (never), `warm` (every span of
-the cache captured once and kept across jobs of one geometry, so a job replays from its first chunk: not measured
-yet, see JobGraphs), or `rerun` / `rerun-warm`: a stand-in for `1` / `warm` that "replays" by running the captured
-forward again, eagerly, on the same fixed buffers. It runs on the CPU, so the tests can check the buffer plumbing
-a real graph depends on (a buffer not refreshed per chunk gives wrong latents there too).
+LINGBOT_CUDA_GRAPHS: `auto` (default: `warm` on 4+ CUDA ranks, else `0`), `warm` (every span of the cache
+captured once and kept across jobs of one geometry, so a job replays from its first chunk; see JobGraphs), `1`
+(graphs for one job, captured after its first full-span chunk, on any CUDA device), `0` (never), or `rerun` /
+`rerun-warm`: a stand-in for `1` / `warm` that "replays" by running the captured forward again, eagerly, on the
+same fixed buffers. It runs on the CPU, so the tests can check the buffer plumbing a real graph depends on (a
+buffer not refreshed per chunk gives wrong latents there too).
 """
 
 from __future__ import annotations
@@ -53,9 +53,18 @@ def mode_setting() -> str:
     return check_mode(os.environ.get("LINGBOT_CUDA_GRAPHS", "auto"))
 
 
-def resolve(mode: str | None) -> str:
-    """An engine's own mode (Engine.configure), else LINGBOT_CUDA_GRAPHS."""
-    return mode_setting() if mode is None else check_mode(mode)
+def resolve(mode: str | None, device: torch.device, sp: SequenceParallel) -> str:
+    """The mode a job runs under, the same on every rank: an engine's own (Engine.configure), else
+    LINGBOT_CUDA_GRAPHS. `auto` is `warm` from AUTO_MIN_RANKS CUDA ranks on and `0` below; a real graph mode
+    without CUDA is `0` (the stand-ins run anywhere)."""
+    mode = mode_setting() if mode is None else check_mode(mode)
+    if is_stand_in(mode):
+        return mode
+    if device.type != "cuda":
+        return "0"
+    if mode == "auto":
+        return "warm" if sp.world >= AUTO_MIN_RANKS else "0"
+    return mode
 
 
 def keeps_graphs(mode: str) -> bool:
@@ -70,12 +79,7 @@ def is_stand_in(mode: str) -> bool:
 
 def wanted(device: torch.device, sp: SequenceParallel, mode: str | None = None) -> bool:
     """Whether this job's steady chunks should run as graphs (the same answer on every rank)."""
-    mode = resolve(mode)
-    if is_stand_in(mode):
-        return True
-    if device.type != "cuda" or mode == "0":
-        return False
-    return mode in ("1", "warm") or sp.world >= AUTO_MIN_RANKS
+    return resolve(mode, device, sp) != "0"
 
 
 class _Rerun:
@@ -166,8 +170,8 @@ class JobGraphs:
     """Which graphs a job replays, and when it captures them. Graphs are keyed by the cache's span (its valid
     tokens), the only thing that differs between the forwards of two chunks of one geometry.
 
-    - `auto` / `1`: the full span is captured after the first steady chunk and replayed for the rest of the job;
-      graphs, fixed buffers and cache go with the job.
+    - `1`: the full span is captured after the first steady chunk and replayed for the rest of the job; graphs,
+      fixed buffers and cache go with the job.
     - `warm`: every span is captured, once, after the first chunk that reaches it, and kept on the engine with
       the cache and the fixed buffers, so later jobs of the same geometry replay from their first chunk on. The
       engine keeps one geometry, the latest (a job of another geometry replaces it).

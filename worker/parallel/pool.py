@@ -29,7 +29,7 @@ from worker.config import CHUNK_LATENT_FRAMES, DEFAULT_KV_SINK, DEFAULT_KV_WINDO
 from worker.engine import Engine, default_device
 from worker.models import chunk_graphs
 from worker.models.attention import backend_setting as attention_backend_setting
-from worker.parallel.sp import DEFAULT_DECODE_COST, SequenceParallel, leader_share_for
+from worker.parallel.sp import SequenceParallel, default_decode_cost, leader_share_for
 from worker.rollout import ChunkOutput, RolloutJob
 
 log = logging.getLogger("worker.pool")
@@ -162,14 +162,14 @@ class RankPool:
         """Spawn ranks 1..N-1, load the model on every rank, return when all are ready.
 
         decode_cost: the leader's frame decode as a fraction of one GPU's DiT time per chunk (default
-        $LINGBOT_SP_DECODE_COST, else sp.DEFAULT_DECODE_COST); the leader gets that much less of the tokens.
+        $LINGBOT_SP_DECODE_COST, else sp.default_decode_cost); the leader gets that much less of the tokens.
         head_share: the leader's fraction of the attention heads; None splits them evenly (tests use it to run
         uneven head groups)."""
         timeout_s = timeout_s or float(os.environ.get("LINGBOT_RANK_TIMEOUT_S", "300"))
         if ranks < 1:
             raise ValueError(f"ranks: {ranks} must be >= 1")
         if decode_cost is None:
-            raw = os.environ.get("LINGBOT_SP_DECODE_COST", str(DEFAULT_DECODE_COST))
+            raw = os.environ.get("LINGBOT_SP_DECODE_COST", str(default_decode_cost(ranks)))
             try:
                 decode_cost = float(raw)
                 if not 0 <= decode_cost < 1:
@@ -364,7 +364,7 @@ def warmup(gen) -> float:
     t = time.perf_counter()
     w, h = DEFAULT_SIZE
     engine = getattr(gen, "engine", gen)
-    kept = chunk_graphs.keeps_graphs(chunk_graphs.resolve(engine.cuda_graphs))
+    kept = chunk_graphs.keeps_graphs(chunk_graphs.resolve(engine.cuda_graphs, engine.device, engine.sp))
     chunks = -(-(DEFAULT_KV_SINK + DEFAULT_KV_WINDOW) // CHUNK_LATENT_FRAMES) if kept else 1
     g = torch.Generator().manual_seed(0)
     job = RolloutJob(prompt="warm-up", image=torch.rand(3, h, w, generator=g) * 2 - 1, num_chunks=chunks, width=w,

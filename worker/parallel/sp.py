@@ -25,10 +25,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# The leader's frame decode as a fraction of one GPU's DiT time per chunk. Its stand-alone time (146 ms against
-# ~2.1 s on an H200) would say 0.07, but the decoder's kernels partly fill the leader's idle gaps: measured on
-# 2 x H200 (docs/PERFORMANCE.md, v13), 0.04 beat both an even split and 0.08. 0 splits evenly.
+# The leader's frame decode as a fraction of one GPU's DiT time per chunk, by rank count. Its stand-alone time
+# (146 ms against ~2.1 s on an H200) would say 0.07, but the decoder's kernels partly fill the leader's idle gaps:
+# on 2 x H200 (docs/PERFORMANCE.md, v13) 0.04 beat both an even split and 0.08; on 4 x H200 with the DiT as kept
+# CUDA graphs (v18, one call) 0.12 beat 0.04, 0.2 and 0.28. 0 splits evenly.
 DEFAULT_DECODE_COST = 0.04
+DEFAULT_DECODE_COST_4_RANKS = 0.12
+
+
+def default_decode_cost(world: int) -> float:
+    return DEFAULT_DECODE_COST_4_RANKS if world >= 4 else DEFAULT_DECODE_COST
 
 
 def leader_share_for(world: int, decode_cost: float) -> float:
