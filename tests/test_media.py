@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 from pathlib import Path
 
 import av
@@ -126,6 +127,44 @@ def test_mp4_writer_abort_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no frames"):
         media.Mp4Writer(tmp_path / "empty.mp4", W, H).close()
     assert not (tmp_path / "empty.mp4").exists()
+
+
+def test_mp4_writer_encodes_on_its_own_thread_and_reports_its_errors(tmp_path: Path) -> None:
+    """write() hands frames to the encoder thread; an encoding error comes back from the next write or from close,
+    nothing is left behind, and no encoder thread outlives its writer."""
+    def writer_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "mp4-writer"]
+
+    class BrokenStream:
+        def __init__(self, stream) -> None:
+            self.stream, self.calls = stream, 0
+
+        def encode(self, frame):
+            self.calls += 1
+            if self.calls > 2:
+                raise OSError("disk full")
+            return self.stream.encode(frame)
+
+    out = tmp_path / "broken.mp4"
+    w = media.Mp4Writer(out, W, H)
+    w._stream = BrokenStream(w._stream)
+    w.write(synthetic_frames(2))  # encoded
+    w.write(synthetic_frames(2))  # the encoder thread fails on the first of these
+    w._thread.join(timeout=10)
+    with pytest.raises(OSError, match="disk full"):
+        w.write(synthetic_frames(1))
+    with pytest.raises(OSError, match="disk full"):
+        w.close()
+    assert list(tmp_path.iterdir()) == [] and not writer_threads()
+
+    w = media.Mp4Writer(out, W, H)
+    w.write(synthetic_frames(3))
+    assert writer_threads()
+    w.abort()
+    assert list(tmp_path.iterdir()) == [] and not writer_threads()
+    with media.Mp4Writer(out, W, H) as w:
+        w.write(synthetic_frames(3))
+    assert out.exists() and not writer_threads()
 
 
 def test_h264_encoder_is_available() -> None:

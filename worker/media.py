@@ -10,7 +10,9 @@ import base64
 import hashlib
 import io
 import os
+import queue
 import secrets
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -41,6 +43,10 @@ _H264_ENCODERS = ("libx264", "libopenh264")
 # becomes the bottleneck. Both are constructor arguments.
 DEFAULT_CRF = 18
 DEFAULT_PRESET = "veryfast"
+
+# Writes (chunks) queued for the encoder thread before `write` blocks: a writer slower than the model slows the
+# caller instead of holding frames without limit.
+_QUEUE_WRITES = 4
 
 # JSON array overhead per streamed frame: the two quotes and the comma around each base64 string.
 _JSON_PER_ITEM = 3
@@ -179,6 +185,10 @@ class Mp4Writer:
     Frames go to a hidden temporary file in the same directory, which `close()` renames atomically onto `path`;
     `abort()` (or an exception inside a `with` block) deletes it, so a crash never leaves a half file under the
     final name.
+
+    Frames are encoded on the writer's own thread (PyAV releases the GIL in the codec): `write` checks and queues
+    them and returns, so a streaming caller hands its chunk on without waiting for x264. An encoding error is
+    raised by the next `write` or by `close`. The writer keeps each array until it is encoded: do not change it.
     """
 
     def __init__(
@@ -222,9 +232,15 @@ class Mp4Writer:
         except BaseException:
             self._discard()
             raise
+        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_WRITES)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._encoded = 0
+        self._thread = threading.Thread(target=self._encode_queued, name="mp4-writer", daemon=True)
+        self._thread.start()
 
     def write(self, frames: np.ndarray) -> None:
-        """Append uint8 RGB frames shaped [T, H, W, 3] (or one frame [H, W, 3])."""
+        """Queue uint8 RGB frames shaped [T, H, W, 3] (or one frame [H, W, 3]) for encoding."""
         if self._closed:
             raise RuntimeError("Mp4Writer is closed")
         if isinstance(frames, np.ndarray) and frames.ndim == 3:
@@ -232,32 +248,27 @@ class Mp4Writer:
         _check_frames(frames)
         if frames.shape[1:3] != (self.height, self.width):
             raise ValueError(f"frame size {frames.shape[2]}x{frames.shape[1]} != writer size {self.width}x{self.height}")
-        for rgb in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            # Explicit conversion so the pixels really are BT.709 limited range, matching the stream's tags
-            # (swscale's implicit default is BT.601).
-            frame = frame.reformat(
-                format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG
-            )
-            frame.pts = self.num_frames
-            frame.time_base = self._time_base
-            self._container.mux(self._stream.encode(frame))
-            self.num_frames += 1
+        self._hand_over(frames)
+        self.num_frames += len(frames)
 
     def close(self) -> Mp4Info:
-        """Flush the encoder, finish the file (faststart), rename it onto `path`; returns what was written."""
+        """Encode what is queued, flush the encoder, finish the file (faststart), rename it onto `path`; returns
+        what was written."""
         if self._closed:
             raise RuntimeError("Mp4Writer is already closed")
         if self.num_frames == 0:
             self.abort()
             raise ValueError("no frames were written; nothing to close into an MP4")
         try:
+            self._hand_over(None)
+            self._thread.join()
+            self._raise_error()
             self._container.mux(self._stream.encode(None))
             self._container.close()
             with open(self._tmp, "rb+") as f:  # durable before it becomes visible under the final name
                 os.fsync(f.fileno())
             info = Mp4Info(
-                path=self.path, num_frames=self.num_frames, bytes=self._tmp.stat().st_size,
+                path=self.path, num_frames=self._encoded, bytes=self._tmp.stat().st_size,
                 sha256=sha256_file(self._tmp), width=self.width, height=self.height, fps=self.fps,
             )
             os.replace(self._tmp, self.path)
@@ -267,6 +278,45 @@ class Mp4Writer:
         self._closed = True
         return info
 
+    def _hand_over(self, item: np.ndarray | None) -> None:
+        """Queue frames (None: no more) for the encoder thread; raise its error instead if it has failed."""
+        while True:
+            self._raise_error()
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._thread.is_alive() and not self._stop.is_set():
+            raise RuntimeError("the MP4 encoder thread has stopped")
+
+    def _encode_queued(self) -> None:
+        try:
+            while not self._stop.is_set():
+                frames = self._queue.get()
+                if frames is None:
+                    self._stop.set()
+                    return
+                for rgb in frames:
+                    if self._stop.is_set():
+                        return
+                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+                    # Explicit conversion so the pixels really are BT.709 limited range, matching the stream's
+                    # tags (swscale's implicit default is BT.601).
+                    frame = frame.reformat(
+                        format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG
+                    )
+                    frame.pts = self._encoded
+                    frame.time_base = self._time_base
+                    self._container.mux(self._stream.encode(frame))
+                    self._encoded += 1
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by its next write or close
+            self._error = exc
+
     def abort(self) -> None:
         """Drop everything written so far; no file is left behind. Safe to call more than once."""
         if not self._closed:
@@ -274,6 +324,18 @@ class Mp4Writer:
 
     def _discard(self) -> None:
         self._closed = True
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            self._stop.set()
+            while thread.is_alive():  # unblock its get, then wait for the frame it is on
+                try:
+                    self._queue.put_nowait(None)
+                except queue.Full:
+                    try:
+                        self._queue.get_nowait()
+                    except queue.Empty:
+                        pass
+                thread.join(timeout=0.05)
         try:
             self._container.close()
         except Exception:
