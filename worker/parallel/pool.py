@@ -313,11 +313,15 @@ class RankPool:
                     conn.send(("stop", None))
             except OSError:
                 pass
+        # The leader leaves the group while the followers do, not after they have exited. With the leader joining
+        # them first, every follower's teardown ran out its 20 s in the 4-GPU benches of docs/PERFORMANCE.md v18,
+        # and the leader's own, after they had gone, did not: NCCL's teardown looks like it waits for every rank.
+        # (This order is not measured on GPUs yet.)
+        _end_group(self.engine)
         for p in self.procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-        _end_group(self.engine)
 
 
 def _recv(conn, proc, timeout_s: float):
