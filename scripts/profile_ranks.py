@@ -2,7 +2,8 @@
 
 Loads the full-size random-weight generator on N ranks once, then
 - runs a rollout and prints, per rank and chunk, the host wall time between chunks and the host time spent
-  inside the DiT forwards (a host that needs as long as its GPU starves it: docs/PERFORMANCE.md v17);
+  inside the DiT forwards (a host that needs as long as its GPU starves it: docs/PERFORMANCE.md v17; chunks that
+  replay CUDA graphs, the default from 4 ranks on, run no forward on the host and show ~0 there);
 - runs a second rollout with torch.profiler on every rank for chunks PROFILE_FROM..PROFILE_TO-1 and prints, per rank: GPU busy
   time with and without NCCL kernels (NCCL kernels spin while they wait for a peer), the top kernels, and the
   host-side ops of the busiest threads. Each rank also writes its summary to $OUT/rank<r>.txt when OUT is set.
