@@ -103,10 +103,15 @@ class Engine:
             self.decode_priority = rollout_decode_priority(decode_priority)
         if cuda_graphs is not None:
             self.cuda_graphs = chunk_graphs.check_mode(cuda_graphs, "cuda_graphs")
-            if not chunk_graphs.keeps_graphs(chunk_graphs.resolve(self.cuda_graphs, self.device, self.sp)):
+            if not chunk_graphs.keeps_graphs(self.graph_mode):
                 self.warm_graphs = None  # kept graphs and their cache: no job of this mode uses them
         if leader_share is not None:
             self.sp = replace(self.sp, leader_share=leader_share)
+
+    @property
+    def graph_mode(self) -> str:
+        """The CUDA-graph mode the next job runs under (chunk_graphs.resolve: `auto` made concrete)."""
+        return chunk_graphs.resolve(self.cuda_graphs, self.device, self.sp)
 
     # --- construction -----------------------------------------------------------------------------------
     @classmethod

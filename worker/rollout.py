@@ -122,9 +122,8 @@ def decode_priority(value: str | None) -> str:
     else LINGBOT_DECODE_PRIORITY, else `low`.
 
     `low`: the decoder fills the SMs the DiT leaves idle (one GPU, where the DiT is the whole critical path).
-    `high`: the decoder goes ahead of the DiT, like the first chunk's. With the DiT as CUDA graph replays the leader
-    has a whole chunk of DiT kernels queued ahead of the decoder's, and a low-priority decoder only runs in the
-    gaps; on several ranks the leader's smaller token share (LINGBOT_SP_DECODE_COST) is what pays for it instead."""
+    `high`: the decoder goes ahead of the DiT, like the first chunk's. Measured on 4 x H200 with graph replays
+    (docs/PERFORMANCE.md v18): no difference, so `low` stays the default."""
     value = (value if value is not None else os.environ.get("LINGBOT_DECODE_PRIORITY", "low")).strip().lower()
     if value not in DECODE_PRIORITIES:
         raise ValueError(f"decode priority {value!r}: must be one of {', '.join(DECODE_PRIORITIES)}")
@@ -195,7 +194,7 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                        heads=sp.local_heads(dit.cfg.num_heads), head_dim=dit.cfg.head_dim, dtype=dit.dtype,
                        device=dev)
 
-    graph_mode = chunk_graphs.resolve(engine.cuda_graphs, dev, sp)
+    graph_mode = engine.graph_mode
     if graph_mode != "0":
         key = (lat_h, lat_w, job.kv_sink, job.kv_window, sp.leader_share, sp.leader_head_share)
         # Kept graphs outlive the job: their cache holds the longest span any job of this geometry can have.

@@ -279,10 +279,9 @@ class RankPool:
         """From the next job on, on every rank: the token split for this decode cost, and the CUDA-graph mode
         (Engine.configure); on the leader, which decodes, the decode stream's priority. Benchmarks compare
         settings in one process instead of loading the model once each."""
-        self.engine.configure(decode_priority=decode_priority)
         settings = {"cuda_graphs": cuda_graphs,
                     "leader_share": None if decode_cost is None else leader_share_for(self.world, decode_cost)}
-        self.engine.configure(**settings)  # checks the mode before any other rank takes it
+        self.engine.configure(**settings, decode_priority=decode_priority)  # checks before any other rank takes it
         for rank, conn in enumerate(self.conns, start=1):
             conn.send(("configure", settings))
             kind, detail = _recv(conn, self.procs[rank - 1], self.timeout_s)
@@ -368,7 +367,7 @@ def warmup(gen) -> float:
     t = time.perf_counter()
     w, h = DEFAULT_SIZE
     engine = getattr(gen, "engine", gen)
-    kept = chunk_graphs.keeps_graphs(chunk_graphs.resolve(engine.cuda_graphs, engine.device, engine.sp))
+    kept = chunk_graphs.keeps_graphs(engine.graph_mode)
     chunks = -(-(DEFAULT_KV_SINK + DEFAULT_KV_WINDOW) // CHUNK_LATENT_FRAMES) if kept else 1
     g = torch.Generator().manual_seed(0)
     job = RolloutJob(prompt="warm-up", image=torch.rand(3, h, w, generator=g) * 2 - 1, num_chunks=chunks, width=w,
