@@ -6,7 +6,9 @@ Loads the full-size random-weight generator on N ranks once, then
   replay CUDA graphs, the default from 4 ranks on, run no forward on the host and show ~0 there);
 - runs a second rollout with torch.profiler on every rank for chunks PROFILE_FROM..PROFILE_TO-1 and prints, per rank: GPU busy
   time with and without NCCL kernels (NCCL kernels spin while they wait for a peer), the top kernels, and the
-  host-side ops of the busiest threads. Each rank also writes its summary to $OUT/rank<r>.txt when OUT is set.
+  host-side ops of the busiest threads. Each rank also writes its summary to $OUT/rank<r>.txt when OUT is set,
+  and its GPU timeline (every kernel, copy and memset: name, stream, start and duration in us) to
+  $OUT/rank<r>_kernels.json.gz, for reading the exchanges rank against rank afterwards.
 
     [PROFILE_FROM=7 PROFILE_TO=9] python3 scripts/profile_ranks.py --ranks 4 [--chunks 10] [--no-decode]
 
@@ -15,6 +17,7 @@ on every rank. The profiled rollout is recognised on every rank by its seed.
 """
 import argparse
 import collections
+import gzip
 import json
 import os
 import tempfile
@@ -117,6 +120,9 @@ def _summarize(prof, rank: int, wall: float, n: int) -> None:
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], f"rank{rank}.txt"), "w") as f:
             f.write(text + "\n")
+        timeline = [(e["name"], e["args"].get("stream", -1), e["ts"], e["dur"]) for e in kernels]
+        with gzip.open(os.path.join(os.environ["OUT"], f"rank{rank}_kernels.json.gz"), "wt") as f:
+            json.dump({"rank": rank, "chunks": n, "wall_ms": wall * 1e3, "kernels": timeline}, f)
 
 
 def main() -> None:
