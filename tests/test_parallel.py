@@ -110,6 +110,10 @@ def _a2a_worker(rank: int, world: int, port: int) -> None:
         wide = torch.full((1, s, sp.local_heads(h), 6), -1.0)
         got = sp.seq_to_heads_async(sp.pack_heads(shard[0]), shard[0].shape, s, out=wide[..., :3])()
         assert torch.equal(wide[..., :3], full[0, :, :, mine]) and (wide[..., 3:] == -1).all()
+    # The chunk boundary's go/stop: the leader's value on every rank, over the data group or the control group.
+    control = dist.new_group(backend="gloo")
+    for sp in (SequenceParallel(rank, world), SequenceParallel(rank, world, control=control)):
+        assert sp.agree(7 if rank == 0 else 0, torch.device("cpu")) == 7
     dist.destroy_process_group()
 
 

@@ -1,4 +1,5 @@
-"""The leader's pipeline order: the first chunk's decode is queued before the DiT of chunk 1 starts."""
+"""The leader's pipeline order: the first chunk's decode is queued before the DiT of chunk 1 starts, and the host
+queues at most two chunks ahead of the GPU."""
 
 from __future__ import annotations
 
@@ -57,3 +58,53 @@ def test_chunk1_dit_waits_for_the_first_decode(tiny_engine, monkeypatch, first_f
     first_chunk1_dit = events.index(("dit", 1))
     # with the switch off the DiT runs ahead (and the order check fails): the test can tell the two apart
     assert (first_decode < first_chunk1_dit) == first_frames_first, events
+
+
+def test_the_host_runs_at_most_two_chunks_ahead(tiny_engine, monkeypatch) -> None:
+    """Before queueing chunk c the DiT thread waits for chunk c-2's end: the GPU always has the next chunk queued
+    (no drain at the boundary), and a cancel never waits for more than the chunks already queued."""
+    events: list = []
+    marks: list = []
+    real_mark, real_forward = rollout_mod._mark, tiny_engine.dit.forward
+
+    def mark(device):
+        m = real_mark(device)
+        if threading.current_thread().name == "rollout-dit":
+            marks.append(m)  # per chunk: its start, then its end
+        return m
+
+    def wait(m):
+        if threading.current_thread().name == "rollout-dit":
+            events.append(("wait for end of", marks.index(m) // 2))
+
+    def forward(x, y, t, text_kv, ctx, *args, **kwargs):
+        events.append(("dit", ctx.start_frame // 3))
+        return real_forward(x, y, t, text_kv, ctx, *args, **kwargs)
+
+    monkeypatch.setattr(rollout_mod, "_mark", mark)
+    monkeypatch.setattr(rollout_mod, "_wait", wait)
+    monkeypatch.setattr(tiny_engine.dit, "forward", forward)
+    job = _job()
+    job.num_chunks = 4
+    job.camera_actions = [["w"]] * 12
+    assert [c.index for c in tiny_engine.rollout(job)] == [0, 1, 2, 3]
+    waits = [e for e in events if e[0] != "dit"]
+    assert waits == [("wait for end of", 0), ("wait for end of", 1)], events
+    for c, done in ((2, 0), (3, 1)):
+        assert events.index(("wait for end of", done)) < events.index(("dit", c)), events
+
+
+def test_a_cancelled_job_ends_after_its_queued_chunks(tiny_engine, monkeypatch) -> None:
+    """Closing the rollout early (cancel) returns only once the DiT thread has waited for its stream: the chunks it
+    queued ahead must not run on into the next job."""
+    synced: list[str] = []
+    real_sync = rollout_mod._sync
+    monkeypatch.setattr(rollout_mod, "_sync", lambda device: (synced.append(threading.current_thread().name),
+                                                              real_sync(device)))
+    job = _job()
+    job.num_chunks = 4
+    job.camera_actions = [["w"]] * 12
+    it = tiny_engine.rollout(job)
+    assert next(it).index == 0
+    it.close()
+    assert "rollout-dit" in synced

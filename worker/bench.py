@@ -139,7 +139,8 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
             flops = dit_chunk_flops(cfg, lat_h, lat_w, kv_frames)["total"]
             rows.append({
                 "chunk": out.index, "frames": pixel_frames_for_chunk(out.index), "kv_frames": kv_frames,
-                "dit_ms": out.stats["dit_ms"], "decode_ms": out.stats["decode_ms"], "encode_ms": (now - t0) * 1e3,
+                "dit_ms": out.stats["dit_ms"], "decode_ms": out.stats["decode_ms"],
+                "decode_launch_ms": out.stats["decode_launch_ms"], "encode_ms": (now - t0) * 1e3,
                 "chunk_ms": (now - t_prev) * 1e3, "dit_tflop": flops / 1e12,
                 "condition_cached": bool(out.stats.get("condition_cached", 0.0)),
                 "condition_layers": int(out.stats.get("condition_layers", 0)),

@@ -11,9 +11,9 @@ Official Fast semantics (reference/fast_rollout.md section 4), per chunk c:
     frames = vae.decode_chunk(x0)                            9 frames for chunk 0, then 12
 
 Every rank runs this loop in lockstep on identical latents (same seed, same device type); only the leader
-encodes text and the image condition (then broadcasts them) and decodes frames. Each chunk starts with a
-one-int broadcast from the leader, so a consumer that stops iterating (cancel) releases the other ranks at
-the next chunk boundary instead of leaving them inside a collective.
+encodes text and the image condition (then broadcasts them) and decodes frames. Each chunk starts with the
+leader's go/stop, host to host, so a consumer that stops iterating (cancel) releases the other ranks at the next
+chunk boundary instead of leaving them inside a collective.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from worker.config import CHUNK_LATENT_FRAMES, VAE_STRIDE, VAE_Z_DIM, MASK_CHANN
 from worker.models import chunk_graphs
 from worker.models.kv_cache import KVCache
 from worker.schedule import dmd_schedule
-from worker.transfer import to_device, to_host
+from worker.transfer import to_device
 
 _GO, _STOP = 1, 0
 FIRST_FRAMES_FIRST = True  # False: chunk 1's DiT does not wait for chunk 0's decode to be queued (A/B switch)
@@ -89,10 +89,16 @@ def _mark(device: torch.device):
     return event
 
 
+def _wait(mark) -> None:
+    """Wait until `mark` (from _mark) has happened on the device."""
+    if isinstance(mark, torch.cuda.Event):
+        mark.synchronize()
+
+
 def _wait_ms(start, end) -> float:
     """Wait until `end` (from _mark) has happened on the device; milliseconds from `start` to `end`."""
+    _wait(end)
     if isinstance(end, torch.cuda.Event):
-        end.synchronize()
         return start.elapsed_time(end)
     return (end - start) * 1e3
 
@@ -154,23 +160,26 @@ def _prompt_context(engine, prompt: str) -> torch.Tensor:
 
 
 def _agree_to_continue(engine, stopping: bool) -> bool:
-    """Chunk boundary: the leader's go/stop reaches every rank. One rank has nothing to agree on, and a device
-    round trip here would drain the GPU's queue, so it stays on the host."""
-    if not engine.sp.enabled:
-        return not stopping
-    # Made on the device and read back through pinned memory and an event (worker/transfer.py): the read waits for
-    # the chunk queued before it, which is a whole chunk of graph replays.
-    flag = torch.full((1,), _STOP if stopping else _GO, dtype=torch.int64, device=engine.device)
-    return int(to_host(engine.sp.broadcast(flag)).item()) == _GO
+    """Chunk boundary: the leader's go/stop reaches every rank (SequenceParallel.agree: host to host where the
+    pool gave it a control group, so the GPUs keep running the chunks already queued)."""
+    return engine.sp.agree(_STOP if stopping else _GO, engine.device) == _GO
+
+
+# Chunks a rank's host may have queued ahead of its GPU. The host queues chunk c while the GPU runs c-1, so the
+# GPU never waits for the host at a chunk boundary (on 4 x H200 it did, ~35-110 ms per chunk while the leader's
+# host launched the chunk's camera modulation and condition encode; docs/PERFORMANCE.md v19); more would only
+# delay a cancel, since queued GPU work runs to its end.
+LOOKAHEAD_CHUNKS = 2
 
 
 def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                     ) -> Iterator[tuple[int, torch.Tensor, dict[str, float], tuple]]:
     """The DiT side of the rollout, on every rank: yields (chunk index, clean x0 [1,16,3,h,w], stats, marks).
 
-    Nothing here waits for the GPU: x0 is yielded as soon as its work is queued, so the CPU prepares the next
-    chunk while the GPU still runs this one instead of the GPU idling at every chunk boundary. Whoever reads x0
-    first waits with _wait_ms(*marks), which also gives the chunk's DiT time (GPU time between the two marks).
+    Nothing here waits for the GPU beyond LOOKAHEAD_CHUNKS: x0 is yielded as soon as its work is queued, so the
+    CPU prepares the next chunk while the GPU still runs this one instead of the GPU idling at every chunk
+    boundary. Whoever reads x0 first waits with _wait_ms(*marks), which also gives the chunk's DiT time (GPU time
+    between the two marks).
     stats on the leader: condition_cached (1.0 when the image condition came from the encoder's fixed point
     instead of an encode), condition_layers (encoder layers run for it; see StreamingVAE.next_condition_chunk) and
     graph_replay (1.0 when the chunk's forwards were CUDA graph replays, worker/models/chunk_graphs.py)."""
@@ -208,11 +217,11 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
     finished = False
     at_boundary = True  # True while every rank waits at the same point (a chunk boundary)
     last_done = -1
+    ends: list = []  # each chunk's end mark, for the lookahead bound
     try:
         for c in range(job.num_chunks):
-            # The chunk's camera rays are host work: done and queued for the GPU before the go/stop round trip
-            # below, which on several ranks waits for the GPU to finish the previous chunk, so that the GPU does
-            # not sit idle while the host builds them.
+            if c >= LOOKAHEAD_CHUNKS:
+                _wait(ends[c - LOOKAHEAD_CHUNKS])
             plucker = to_device(next(cameras), dev)
             stopping = leader and stop is not None and stop.is_set()
             if not _agree_to_continue(engine, stopping):
@@ -253,7 +262,8 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
             del ctx
             at_boundary = True
             last_done = c
-            yield c, x0, cond, (t0, _mark(dev))
+            ends.append(_mark(dev))
+            yield c, x0, cond, (t0, ends[-1])
         finished = True
     finally:
         if sp.enabled and not finished:
@@ -262,9 +272,9 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                 engine.ranks_in_sync = False
             elif leader and last_done + 1 < job.num_chunks:
                 # Stopped between chunks without the stop flag (an error on the leader): release the
-                # followers, which wait at the next chunk's control broadcast.
+                # followers, which wait at the next chunk's go/stop.
                 try:
-                    _share(engine, torch.tensor([_STOP]), (1,), torch.int64)
+                    _agree_to_continue(engine, stopping=True)
                 except Exception:  # noqa: BLE001 - a broken group is reported by the pool, not here
                     engine.ranks_in_sync = False
 
@@ -314,11 +324,18 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             with torch.inference_mode(), _stream(dev, _priorities()[1] if dev.type == "cuda" else 0):
-                for item in _denoise_chunks(engine, job, stop):
-                    if not put(to_decode, item, until=stop):
-                        break
-                    while item[0] == 0 and not first_queued.wait(0.05) and not stop.is_set():
-                        pass
+                chunks = _denoise_chunks(engine, job, stop)
+                try:
+                    for item in chunks:
+                        if not put(to_decode, item, until=stop):
+                            break
+                        while item[0] == 0 and not first_queued.wait(0.05) and not stop.is_set():
+                            pass
+                finally:
+                    chunks.close()  # stopped early: the other ranks are released at the boundary
+                    # After a cancel up to LOOKAHEAD_CHUNKS chunks are still queued: they finish before the job
+                    # does, so that the next job never writes buffers (kept CUDA graphs) this one still reads.
+                    _sync(dev)
         except BaseException as exc:  # noqa: BLE001 - handed on behind the chunks already done, in order
             put(to_decode, exc, until=stop)
         finally:
@@ -350,10 +367,11 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                     dit_stats["dit_ms"] = _wait_ms(*marks)  # x0 is ready once the DiT stream is past the mark
                     t1 = time.perf_counter()
                     n_frames = pixel_frames_for_chunk(c)
-                    frames = None
+                    frames, launched = None, t1
                     if job.decode:
                         with _stream(dev, first) if c == 0 else contextlib.nullcontext():
                             video = decoder.decode_chunk(x0[0])
+                            launched = time.perf_counter()
                             first_queued.set()
                             # On this stream, after the decode: the copy to the host waits for exactly the
                             # decoder's kernels (and releases the GIL meanwhile).
@@ -361,7 +379,10 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                             del video
                         assert frames.shape[0] == n_frames, (frames.shape, n_frames)
                     first_queued.set()
-                    stats = {**dit_stats, "decode_ms": (time.perf_counter() - t1) * 1e3}
+                    # decode_launch_ms: the host's part (queueing the decoder's kernels); the rest of decode_ms is
+                    # the GPU's, shared with the DiT of the next chunk.
+                    stats = {**dit_stats, "decode_ms": (time.perf_counter() - t1) * 1e3,
+                             "decode_launch_ms": (launched - t1) * 1e3}
                     if not put(out, ChunkOutput(c, frame_start, frames, x0[0], stats), until=cancelled):
                         break
                     frame_start += n_frames

@@ -54,11 +54,14 @@ def _backend(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def _init_group(rank: int, world: int, port: int, device: str, timeout_s: float) -> None:
+def _init_group(rank: int, world: int, port: int, device: str, timeout_s: float):
+    """Join the data group (NCCL on GPUs) and return the control group: gloo, host to host, for the chunk
+    boundary's go/stop (SequenceParallel.agree)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
-        _backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        _backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timeout,
     )
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def _share_cpu(world: int) -> None:
@@ -74,9 +77,9 @@ def _follower_main(rank: int, world: int, port: int, model: str | None, device: 
     os.environ.update(MULTICAST_OFF)
     _share_cpu(world)
     try:
-        _init_group(rank, world, port, device, timeout_s)
+        control = _init_group(rank, world, port, device, timeout_s)
         dev = f"cuda:{rank}" if device.startswith("cuda") else device
-        sp = SequenceParallel(rank, world, leader_share=shares[0], leader_head_share=shares[1])
+        sp = SequenceParallel(rank, world, control=control, leader_share=shares[0], leader_head_share=shares[1])
         engine = Engine.load(model, device=dev, dtype=dtype, sp=sp, text_encoder=text_encoder)
         conn.send(("ready", None))
     except BaseException as exc:  # noqa: BLE001 - report, then die
@@ -192,11 +195,11 @@ class RankPool:
             procs.append(p)
             conns.append(parent)
         try:
-            _init_group(0, ranks, port, device, timeout_s)
+            control = _init_group(0, ranks, port, device, timeout_s)
             if device.startswith("cuda"):  # on the CPU this process's pool is the tests' too: left alone
                 _share_cpu(ranks)
             dev = "cuda:0" if device.startswith("cuda") else device
-            sp = SequenceParallel(0, ranks, leader_share=share, leader_head_share=head_share)
+            sp = SequenceParallel(0, ranks, control=control, leader_share=share, leader_head_share=head_share)
             engine = Engine.load(model, device=dev, dtype=dtype, sp=sp, text_encoder=text_encoder)
             if engine.dit.cfg.num_heads < ranks:
                 raise ValueError(f"ranks: {ranks} is more than the {engine.dit.cfg.num_heads} attention heads")
