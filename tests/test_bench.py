@@ -103,12 +103,15 @@ def test_bench_cli_compares_decode_costs_in_one_process(tmp_path) -> None:
 
 
 def test_bench_cli_refuses_a_bad_decode_cost_list() -> None:
-    from worker.bench import _decode_costs
+    from worker.bench import _decode_cost, _modes
 
-    assert _decode_costs("0.04,0.1") == [0.04, 0.1] and _decode_costs(None) == [None]
+    def decode_costs(spec):
+        return _modes(spec, "--decode-cost", _decode_cost)
+
+    assert decode_costs("0.04,0.1") == [0.04, 0.1] and decode_costs(None) == [None]
     for bad in ("0.1,x", "1.5"):
         with pytest.raises(SystemExit, match="--decode-cost"):
-            _decode_costs(bad)
+            decode_costs(bad)
 
 
 def test_decode_priority_setting(monkeypatch) -> None:

@@ -234,7 +234,7 @@ def cmd_bench(a) -> int:
     # One list per setting; a run for every combination, in one process (one model load: same-machine pairs).
     options = {"cuda_graphs": _modes(a.cuda_graphs, "--cuda-graphs", lambda v: chunk_graphs.check_mode(v, "mode")),
                "decode_priority": _modes(a.decode_priority, "--decode-priority", decode_priority),
-               "decode_cost": [0.0] if a.no_decode else _decode_costs(a.decode_cost)}
+               "decode_cost": [0.0] if a.no_decode else _modes(a.decode_cost, "--decode-cost", _decode_cost)}
     if options["decode_cost"] != [None]:  # read by RankPool.start; without a decode the split is even
         os.environ["LINGBOT_SP_DECODE_COST"] = str(options["decode_cost"][0])
     runs = [dict(zip(options, values)) for values in itertools.product(*options.values())]
@@ -269,22 +269,20 @@ def cmd_bench(a) -> int:
 _TAGS = {"cuda_graphs": "g", "decode_priority": "p", "decode_cost": "d"}
 
 
-def _decode_costs(spec: str | None) -> list[float | None]:
-    """--decode-cost: one value, a comma-separated list (one run each, same process), or None for the default."""
-    if spec is None:
-        return [None]
+def _decode_cost(value: str) -> float:
+    """One --decode-cost value: a number in [0, 1)."""
     try:
-        costs = [float(v) for v in spec.split(",")]
+        cost = float(value)
     except ValueError:
-        raise SystemExit(f"--decode-cost: {spec!r} is not a number or a comma-separated list of numbers") from None
-    for cost in costs:
-        if not 0 <= cost < 1:
-            raise SystemExit(f"--decode-cost: {cost} must be in [0, 1)")
-    return costs
+        raise ValueError(f"{value!r} is not a number") from None
+    if not 0 <= cost < 1:
+        raise ValueError(f"{cost} must be in [0, 1)")
+    return cost
 
 
-def _modes(spec: str | None, flag: str, check) -> list[str | None]:
-    """A named setting: one value, a comma-separated list (one run each, same process), or None for the default."""
+def _modes(spec: str | None, flag: str, check) -> list:
+    """A setting: one value, a comma-separated list (one run each, same process), or None for the default; `check`
+    turns each value into the setting or raises ValueError."""
     if spec is None:
         return [None]
     try:

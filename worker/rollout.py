@@ -162,7 +162,7 @@ def _prompt_context(engine, prompt: str) -> torch.Tensor:
 def _agree_to_continue(engine, stopping: bool) -> bool:
     """Chunk boundary: the leader's go/stop reaches every rank (SequenceParallel.agree: host to host where the
     pool gave it a control group, so the GPUs keep running the chunks already queued)."""
-    return engine.sp.agree(_STOP if stopping else _GO, engine.device) == _GO
+    return engine.sp.agree(_STOP if stopping else _GO) == _GO
 
 
 # Chunks a rank's host may have queued ahead of its GPU. The host queues chunk c while the GPU runs c-1, so the

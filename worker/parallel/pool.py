@@ -318,7 +318,7 @@ class RankPool:
         # The leader leaves the group while the followers do, not after they have exited. With the leader joining
         # them first, every follower's teardown ran out its 20 s in the 4-GPU benches of docs/PERFORMANCE.md v18,
         # and the leader's own, after they had gone, did not: NCCL's teardown looks like it waits for every rank.
-        # (This order is not measured on GPUs yet.)
+        # In this order none of v19's seven 4-GPU processes ran out its 20 s.
         _end_group(self.engine)
         for p in self.procs:
             p.join(timeout=30)

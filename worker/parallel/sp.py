@@ -25,8 +25,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from worker.transfer import to_host
-
 # The leader's frame decode as a fraction of one GPU's DiT time per chunk, by rank count. Its stand-alone time
 # (146 ms against ~2.1 s on an H200) would say 0.07, but the decoder's kernels partly fill the leader's idle gaps:
 # on 2 x H200 (docs/PERFORMANCE.md, v13) 0.04 beat both an even split and 0.08; on 4 x H200 with the DiT as kept
@@ -70,7 +68,7 @@ class SequenceParallel:
     world: int = 1
     group: object | None = None  # a torch.distributed ProcessGroup; None = the default group
     # A gloo group for the chunk boundary's go/stop (`agree`), so that agreeing never waits for the GPU; None:
-    # agree over `group` on the device (the GPU drains at every boundary).
+    # agree over `group`, which then must be gloo (CPU ranks).
     control: object | None = None
     leader_share: float | None = None  # fraction of the tokens on rank 0; None = 1/world
     leader_head_share: float | None = None  # fraction of the heads on rank 0; None = as even as integers allow
@@ -183,19 +181,15 @@ class SequenceParallel:
         dist.all_to_all_single(recv, send, recv_sizes, [tj * b * mine * d for tj in tokens], group=self.group)
         return [part.view(s, *lead, hj, d).movedim(0, -3) for part, hj in zip(recv.split(recv_sizes), heads)]
 
-    def agree(self, value: int, device: torch.device) -> int:
-        """The leader's `value` on every rank. Over the control group it is a host-to-host message: the caller's
-        GPU keeps the work already queued, and the host queues the next chunk while the GPU runs this one. On the
-        device (no control group) the read-back waits for everything queued before it."""
+    def agree(self, value: int) -> int:
+        """The leader's `value` on every rank, host to host: the caller's GPU keeps the work already queued, and the
+        host queues the next chunk while the GPU runs this one. Over the control group (gloo; RankPool makes it),
+        else over the data group, which must then be gloo too (CPU ranks)."""
         if not self.enabled:
             return value
-        if self.control is not None:
-            flag = torch.tensor([value], dtype=torch.int64)
-            dist.broadcast(flag, src=0, group=self.control)
-            return int(flag.item())
-        flag = torch.full((1,), value, dtype=torch.int64, device=device)
-        dist.broadcast(flag, src=0, group=self.group)
-        return int(to_host(flag).item())
+        flag = torch.tensor([value], dtype=torch.int64)
+        dist.broadcast(flag, src=0, group=self.control if self.control is not None else self.group)
+        return int(flag.item())
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.enabled:
