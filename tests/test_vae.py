@@ -310,3 +310,53 @@ def test_full_size_encoder_skips_its_first_stages_early() -> None:
     # 14 layers in chunks 0-2; the full-resolution stage (conv_in, two blocks, the downsampler) skipped from chunk 3,
     # every stage but the last from chunk 5, the whole encoder from chunk 11
     assert layers_run == [14, 14, 14, 7, 7, 4, 4, 4, 4, 4, 1, 0, 0], layers_run
+
+
+@pytest.mark.parametrize("bands", [[(0, 48)], [(0, 24), (24, 48)], [(0, 8), (8, 30), (30, 31), (31, 48)]])
+def test_row_bands_give_the_full_decode(bands: list[tuple[int, int]]) -> None:
+    """Each band decoded by its own streaming VAE (as each rank does), over three chunks, then stacked: diffusers'
+    frames. Bands down to one pixel row and bands that cut latent rows in two."""
+    z = _latents(4)
+    ref = StreamingVAE(build_vae(PRESETS["tiny"].vae, torch.float32, "cpu", seed=0)).decode(z)
+    parts = []
+    for rows in bands:
+        v = StreamingVAE(build_vae(PRESETS["tiny"].vae, torch.float32, "cpu", seed=0))
+        v.rows = rows
+        v.start_decode()
+        out = torch.cat([v.decode_chunk(z[:, 3 * k : 3 * k + 3]) for k in range(NUM_CHUNKS)], 1)
+        assert out.shape == (3, ref.shape[1], rows[1] - rows[0], W)
+        parts.append(out)
+    torch.testing.assert_close(torch.cat(parts, 2), ref, rtol=0, atol=1e-5)
+
+
+def test_row_band_windows_grow_by_each_ops_radius() -> None:
+    from worker.models.vae_rows import band_windows
+
+    dec = build_vae(PRESETS["lingbot-world-fast"].vae, torch.float32, "meta").decoder
+    # 832x480: 60 latent rows; the second of four bands, rows 120-240. Backwards from the head (radius 1): three
+    # residual blocks (2 each) at 480 rows, then the upsampler's conv (1) and its halving to 240 rows, and so on.
+    w = band_windows(dec, 60, (120, 240))
+    assert w[-4:] == [(113, 247), (115, 245), (117, 243), (119, 241)]
+    assert w[-5] == (56, 124)  # the last upsampler's input: (112, 248) minus its conv's radius, halved outwards
+    assert band_windows(dec, 60, (0, 480))[0] == (0, 60)  # the whole frame needs no more than the whole frame
+    with pytest.raises(ValueError, match="outside the decoded height 480"):
+        band_windows(dec, 60, (400, 481))
+
+
+def test_balanced_bands_even_out_the_conv_work() -> None:
+    """Bands at the image's edges need a margin on one side only, so they get more rows; the largest band's work
+    is within a row's worth of the smallest's, and well under an even row split's largest."""
+    from worker.models.vae_rows import balanced_bands, band_work
+
+    dec = build_vae(PRESETS["lingbot-world-fast"].vae, torch.float32, "meta").decoder
+    bands = balanced_bands(dec, 60, 4)
+    assert bands[0][0] == 0 and bands[-1][1] == 480
+    assert all(a[1] == b[0] for a, b in zip(bands, bands[1:]))
+    heights = [b - a for a, b in bands]
+    assert heights[0] > heights[1] and heights[3] > heights[2]
+    work = [band_work(dec, 60, b) for b in bands]
+    full = band_work(dec, 60, (0, 480))
+    assert max(work) - min(work) < 0.01 * full
+    assert max(work) < max(band_work(dec, 60, (120 * i, 120 * i + 120)) for i in range(4)) - 0.02 * full
+    assert max(work) / full < 0.34  # what a rank of four decodes at 832x480, against 0.25 with no margins
+    assert balanced_bands(dec, 60, 1) == [(0, 480)]

@@ -32,6 +32,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 from worker.config import MASK_CHANNELS, VAE_Z_DIM, pixel_frames_for_chunk
 from worker.models.causal_conv import cached_causal_conv, causal_conv3d
 from worker.models.condition_stream import ConditionStream, encoder_layer_count
+from worker.models.vae_rows import decode_rows
 from worker.models.fused import conv_bias_residual, conv_bias_rms_norm, wan_rms_norm
 
 # Latent channels of the DiT's condition y: 4 mask channels then the 16-channel image latent.
@@ -86,6 +87,9 @@ class StreamingVAE:
         self._inv_std = 1.0 / torch.tensor(vae.config.latents_std, dtype=torch.float32, device=self.device).view(z, 1, 1, 1)
         self._cond: ConditionStream | None = None  # the job's condition encode, None = not started
         self._dec_chunk: int | None = None
+        # The output rows [a, b) this instance decodes (worker/models/vae_rows.py: with the decode split in bands,
+        # every rank decodes its own); None: whole frames. Set per job by Engine.decoder.
+        self.rows: tuple[int, int] | None = None
         self.reset()
 
     # ---- state ----------------------------------------------------------------------------------------
@@ -154,7 +158,8 @@ class StreamingVAE:
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents [16, T, h, w] (T = 3 per chunk) -> pixels [3, T', H, W] in [-1, 1], in the VAE dtype.
+        """Normalised latents [16, T, h, w] (T = 3 per chunk) -> pixels [3, T', H, W] in [-1, 1], in the VAE dtype
+        (only rows a..b-1 of H when self.rows is (a, b)).
 
         T' = 1 + 4 (T - 1) for the first chunk of a stream, 4 T afterwards.
         """
@@ -166,6 +171,10 @@ class StreamingVAE:
             # Same call as diffusers' _decode loop; `first_chunk` only for the very first latent frame of the stream.
             self.vae._conv_idx = [0]
             first = self._dec_chunk == 0 and i == 0
+            if self.rows is not None:
+                outs.append(decode_rows(self.vae.decoder, x[:, :, i : i + 1], self.rows, self.vae._feat_map,
+                                        self.vae._conv_idx, first_chunk=first))
+                continue
             kw = {"first_chunk": True} if first else {}
             outs.append(self.vae.decoder(x[:, :, i : i + 1], feat_cache=self.vae._feat_map, feat_idx=self.vae._conv_idx, **kw))
         self._dec_chunk += 1
