@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -70,8 +71,10 @@ def test_split_gives_the_leader_its_share_and_everyone_something():
     with pytest.raises(ValueError, match="over 8 ranks"):
         many.split_tokens(5)
     # the default decode cost as measured per rank count: 4 ranks give the leader 16% of a chunk's 4680 tokens
-    assert [default_decode_cost(w) for w in (2, 3, 4, 8)] == [0.04, 0.04, 0.12, 0.12]
-    assert SequenceParallel(0, 4, leader_share=leader_share_for(4, default_decode_cost(4))).split_tokens(4680)[0] == 749
+    assert [default_decode_cost(w, "leader") for w in (2, 3, 4, 8)] == [0.04, 0.04, 0.12, 0.12]
+    assert [default_decode_cost(w) for w in (2, 4)] == [0.0, 0.0]  # every rank decodes a band: an even split
+    assert SequenceParallel(0, 4, leader_share=leader_share_for(4, default_decode_cost(4, "leader"))
+                            ).split_tokens(4680)[0] == 749
 
 
 def _port() -> int:
@@ -181,6 +184,37 @@ def test_two_ranks_with_kept_graphs_match_one_rank_across_jobs(monkeypatch):
         assert sorted(pool.engine.warm_graphs.spans) == [36, 72, 108] and pool.healthy
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("ranks, split", [(2, "bands"), (3, "bands"), (2, "leader")])
+def test_every_decode_split_gives_the_one_rank_frames(ranks: int, split: str):
+    """Decoded in bands (every rank its rows, gathered to the leader) or by the leader alone, switched by configure:
+    the 1-rank frames (fp32: the same up to the conv sums' order, so at most one uint8 step where a value sits on a
+    rounding edge). A cancelled job first: the next one starts its bands' caches afresh."""
+    job = _job(chunks=3)
+    one = Engine.load("tiny", device="cpu", dtype=torch.float32)
+    ref = list(one.rollout(job))
+    pool = RankPool.start("tiny", ranks=ranks, device="cpu", dtype=torch.float32, timeout_s=60)
+    try:
+        pool.configure(decode_split=split)
+        it = pool.rollout(job)
+        next(it)
+        it.close()
+        got = list(pool.rollout(job))
+        assert [c.frames.shape for c in got] == [c.frames.shape for c in ref]
+        for a, b in zip(ref, got):
+            diff = np.abs(a.frames.astype(int) - b.frames.astype(int))
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+            assert ("band_decode_ms" in b.stats) == (split == "bands")
+        assert pool.healthy
+    finally:
+        pool.close()
+
+
+def test_bad_decode_split_names_the_setting(monkeypatch):
+    monkeypatch.setenv("LINGBOT_DECODE_SPLIT", "rank0")
+    with pytest.raises(ValueError, match="decode split 'rank0': must be one of bands, leader"):
+        RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60)
 
 
 def test_cancel_releases_ranks_and_next_job_is_correct():

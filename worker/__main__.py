@@ -59,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-decode", action="store_true", help="DiT only: skip VAE decode and frame encoding")
     b.add_argument("--decode-cost", help="the leader's frame decode as a fraction of one GPU's DiT time: how much "
                    "less of the DiT's tokens rank 0 takes with 2+ ranks (0 = even; default $LINGBOT_SP_DECODE_COST, "
-                   f"else {DEFAULT_DECODE_COST}, {DEFAULT_DECODE_COST_4_RANKS} from 4 ranks on); a comma-separated list "
+                   "else 0 when every rank decodes a band, and with --decode-split leader "
+                   f"{DEFAULT_DECODE_COST}, {DEFAULT_DECODE_COST_4_RANKS} from 4 ranks on); a comma-separated list "
                    "runs one bench per value in one process")
+    b.add_argument("--decode-split", help="who decodes with 2+ ranks: bands (every rank a band of rows, between "
+                   "chunks) or leader (whole frames beside the DiT); default $LINGBOT_DECODE_SPLIT, else bands; a "
+                   "comma-separated list runs one bench per value in one process")
     b.add_argument("--cuda-graphs", help="CUDA graphs of the DiT forwards: auto (warm from 4 ranks on), 0, 1 or warm (every "
                    "span, kept across jobs; see LINGBOT_CUDA_GRAPHS in docs/PLATFORMS.md); default "
                    "$LINGBOT_CUDA_GRAPHS, else auto; a comma-separated list runs one bench per value in one process "

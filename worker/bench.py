@@ -23,6 +23,7 @@ from worker import media
 from worker.config import CHUNK_LATENT_FRAMES, DiTConfig, VAE_STRIDE, pixel_frames_for_chunk
 from worker.models import chunk_graphs
 from worker.models.attention import active_backend
+from worker.parallel.sp import decode_split
 from worker.rollout import RolloutJob, decode_priority
 from worker.schedule import dmd_schedule
 
@@ -145,6 +146,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
                 "condition_cached": bool(out.stats.get("condition_cached", 0.0)),
                 "condition_layers": int(out.stats.get("condition_layers", 0)),
                 "graph_replay": bool(out.stats.get("graph_replay", 0.0)),
+                "band_decode_ms": out.stats.get("band_decode_ms"),  # decoded in bands: GPU ms, with the gather
             })
             t_prev = now
             if save_latents is not None:
@@ -191,6 +193,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
         "torch": torch.__version__, "fp8": os.environ.get("LINGBOT_FP8") == "1",
         "attention": active_backend(dev, head_dim=cfg.head_dim),
         "decode_priority": decode_priority(engine.decode_priority) if decode else None,  # as the leader ran it
+        "decode_split": decode_split(engine.decode_split) if decode and engine.sp.enabled else None,
         # per-rank tokens of a chunk and heads (worker/parallel/sp.py: the leader takes fewer tokens while it decodes)
         "sp_split": {"tokens": engine.sp.split_tokens(chunk_tokens(cfg, height // VAE_STRIDE[1], width // VAE_STRIDE[2])),
                      "heads": engine.sp.split_heads(cfg.num_heads)},
@@ -234,6 +237,7 @@ def cmd_bench(a) -> int:
     # One list per setting; a run for every combination, in one process (one model load: same-machine pairs).
     options = {"cuda_graphs": _modes(a.cuda_graphs, "--cuda-graphs", lambda v: chunk_graphs.check_mode(v, "mode")),
                "decode_priority": _modes(a.decode_priority, "--decode-priority", decode_priority),
+               "decode_split": _modes(a.decode_split, "--decode-split", decode_split),
                "decode_cost": [0.0] if a.no_decode else _modes(a.decode_cost, "--decode-cost", _decode_cost)}
     if options["decode_cost"] != [None]:  # read by RankPool.start; without a decode the split is even
         os.environ["LINGBOT_SP_DECODE_COST"] = str(options["decode_cost"][0])
@@ -245,7 +249,9 @@ def cmd_bench(a) -> int:
         if len(options["decode_cost"]) > 1 and getattr(gen, "world", 1) < 2:
             raise SystemExit("--decode-cost: several values need 2 or more ranks")
         for run in runs:
-            settings = {k: v for k, v in run.items() if v is not None and (k != "decode_cost" or k in varied)}
+            # A new decode split takes its own default cost (RankPool.configure) unless a cost was given.
+            settings = {k: v for k, v in run.items() if v is not None
+                        and (k != "decode_cost" or k in varied or run["decode_split"] is not None)}
             if settings:
                 gen.configure(**settings)
             tag = "".join(f"_{_TAGS[k]}{run[k]:g}" if isinstance(run[k], float) else f"_{_TAGS[k]}{run[k]}"
@@ -254,7 +260,7 @@ def cmd_bench(a) -> int:
                 if a.save_latents is not None and tag else a.save_latents
             res = run_bench(gen, width=width, height=height, chunks=a.chunks, window=a.kv_window, sink=a.kv_sink,
                             warmup_chunks=a.warmup_chunks, save_latents=latents, decode=not a.no_decode)
-            res.update({k: v for k, v in run.items() if k != "decode_priority"})
+            res.update({k: v for k, v in run.items() if k not in ("decode_priority", "decode_split")})
             res["command"] = "python -m worker " + " ".join(os.sys.argv[1:])
             print_table(res)
             results.append(res)
@@ -266,7 +272,7 @@ def cmd_bench(a) -> int:
     return 0
 
 
-_TAGS = {"cuda_graphs": "g", "decode_priority": "p", "decode_cost": "d"}
+_TAGS = {"cuda_graphs": "g", "decode_priority": "p", "decode_split": "s", "decode_cost": "d"}
 
 
 def _decode_cost(value: str) -> float:

@@ -1,4 +1,4 @@
-"""The warm model: DiT on every rank; text encoder and VAE on the leader. One job at a time.
+"""The warm model: DiT and VAE on every rank; text encoder on the leader. One job at a time.
 
 `Engine.load` resolves a model spec (preset, folder or hub id from the local caches), loads the parts this
 rank needs and keeps them resident. `Engine.rollout` runs one job and yields decoded chunks.
@@ -19,6 +19,7 @@ from worker.models import chunk_graphs
 from worker.models.loading import ModelSource, load_dit, load_text_encoder_for, load_vae_for, resolve_model
 from worker.models.vae import StreamingVAE
 from worker.parallel.sp import SINGLE, SequenceParallel
+from worker.parallel.sp import decode_split as sp_decode_split
 from worker.rollout import ChunkOutput, RolloutJob, rollout
 from worker.rollout import decode_priority as rollout_decode_priority
 
@@ -89,18 +90,22 @@ class Engine:
         self.cuda_graphs: str | None = None  # None: LINGBOT_CUDA_GRAPHS, read per job (configure)
         self.warm_graphs = None  # chunk_graphs.JobGraphs kept across jobs under LINGBOT_CUDA_GRAPHS=warm
         self.decode_priority: str | None = None  # None: LINGBOT_DECODE_PRIORITY (rollout.decode_priority)
+        self.decode_split: str | None = None  # None: LINGBOT_DECODE_SPLIT (sp.decode_split)
         self._lock = threading.Lock()  # the VAE stream and the KV cache are per job: one job at a time
         self._fixed_context: torch.Tensor | None = None
 
     def configure(self, *, cuda_graphs: str | None = None, leader_share: float | None = None,
-                  decode_priority: str | None = None) -> None:
+                  decode_priority: str | None = None, decode_split: str | None = None) -> None:
         """Settings that may change between jobs (None keeps one): the CUDA-graph mode (worker/models/
         chunk_graphs.py) instead of LINGBOT_CUDA_GRAPHS, the leader's share of the tokens (worker/parallel/
-        sp.py; every rank of a pool must take the same, RankPool.configure) and the decode stream's priority
+        sp.py; every rank of a pool must take the same, RankPool.configure), who decodes (sp.decode_split, the
+        same on every rank) instead of LINGBOT_DECODE_SPLIT, and the leader's decode stream priority
         (rollout.decode_priority) instead of LINGBOT_DECODE_PRIORITY. Benchmarks compare settings in one process
         with it."""
         if decode_priority is not None:
             self.decode_priority = rollout_decode_priority(decode_priority)
+        if decode_split is not None:
+            self.decode_split = sp_decode_split(decode_split)
         if cuda_graphs is not None:
             self.cuda_graphs = chunk_graphs.check_mode(cuda_graphs, "cuda_graphs")
             if not chunk_graphs.keeps_graphs(self.graph_mode):
@@ -141,10 +146,12 @@ class Engine:
 
             log.warning("FP8 linears in the DiT blocks (%d swapped): 17 GiB less weight memory, no speed-up "
                         "measured, ~4%% latent error against bf16", convert_blocks_to_fp8(dit))
-        vae = enc = None
+        # Every rank holds the VAE (0.25 GB in bf16): the leader encodes the image condition, and every rank
+        # decodes its band of the frames (sp.decode_split).
+        vae_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        vae = StreamingVAE(load_vae_for(source, vae_dtype, dev))
+        enc = None
         if sp.is_leader:
-            vae_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-            vae = StreamingVAE(load_vae_for(source, vae_dtype, dev))
             if text_encoder:
                 enc = load_text_encoder_for(source, dtype if dev.type == "cuda" else torch.float32, dev,
                                             offload_after_encode=offload_text_encoder(dev, sp))
@@ -175,8 +182,10 @@ class Engine:
         for _ in range(num_chunks):
             yield self.vae.next_condition_chunk()
 
-    def decoder(self) -> StreamingVAE:
+    def decoder(self, rows: tuple[int, int] | None = None) -> StreamingVAE:
+        """The VAE with a new decode stream started, for whole frames or for output rows [a, b) only."""
         self.vae.start_decode()
+        self.vae.rows = rows
         return self.vae
 
     # --- a job ----------------------------------------------------------------------------------------------

@@ -59,12 +59,17 @@ def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
     gives 128), 1 -> 255. The arithmetic runs on the tensor's device in fp32 and only the uint8 result (a
     quarter of the fp32 bytes) crosses to the host.
     """
+    return to_host(pixels_to_uint8(video)).numpy()
+
+
+def pixels_to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """frames_to_uint8 without the copy to the host: uint8 [T, H, W, 3] on the video's device."""
     if video.dim() == 5 and video.shape[0] == 1:
         video = video[0]
     if video.dim() != 4 or video.shape[0] != 3:
         raise ValueError(f"expected a decoded video shaped [3, T, H, W], got {tuple(video.shape)}")
     x = video.detach().float().clamp(-1.0, 1.0).add(1.0).mul(127.5).round()
-    return to_host(x.to(torch.uint8).permute(1, 2, 3, 0).contiguous()).numpy()
+    return x.to(torch.uint8).permute(1, 2, 3, 0).contiguous()
 
 
 def _check_frames(frames: np.ndarray) -> None:

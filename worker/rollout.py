@@ -11,7 +11,9 @@ Official Fast semantics (reference/fast_rollout.md section 4), per chunk c:
     frames = vae.decode_chunk(x0)                            9 frames for chunk 0, then 12
 
 Every rank runs this loop in lockstep on identical latents (same seed, same device type); only the leader
-encodes text and the image condition (then broadcasts them) and decodes frames. Each chunk starts with the
+encodes text and the image condition (then broadcasts them). The frames are decoded in bands of rows, one per
+rank, right after the chunk, and gathered to the leader (or, with the decode split "leader", by the leader alone
+beside the next chunk: worker/parallel/sp.py decode_split). Each chunk starts with the
 leader's go/stop, host to host, so a consumer that stops iterating (cancel) releases the other ranks at the next
 chunk boundary instead of leaving them inside a collective.
 """
@@ -32,10 +34,11 @@ import torch
 from worker import media
 from worker.camera import iter_camera_condition
 from worker.config import CHUNK_LATENT_FRAMES, VAE_STRIDE, VAE_Z_DIM, MASK_CHANNELS, pixel_frames_for_chunk
-from worker.models import chunk_graphs
+from worker.models import chunk_graphs, vae_rows
 from worker.models.kv_cache import KVCache
 from worker.schedule import dmd_schedule
-from worker.transfer import to_device
+from worker.parallel.sp import decode_split
+from worker.transfer import to_device, to_host
 
 _GO, _STOP = 1, 0
 FIRST_FRAMES_FIRST = True  # False: chunk 1's DiT does not wait for chunk 0's decode to be queued (A/B switch)
@@ -134,6 +137,25 @@ def decode_priority(value: str | None) -> str:
     if value not in DECODE_PRIORITIES:
         raise ValueError(f"decode priority {value!r}: must be one of {', '.join(DECODE_PRIORITIES)}")
     return value
+
+
+def _band_decoder(engine, job: "RolloutJob"):
+    """This rank's VAE for a job decoded in bands (its rows set, its decode stream started) and every band's row
+    count; None when the job's frames are not decoded in bands."""
+    sp = engine.sp
+    if not (job.decode and sp.enabled and decode_split(engine.decode_split) == "bands"):
+        return None
+    bands = vae_rows.balanced_bands(engine.vae.vae.decoder, job.latent_hw[0], sp.world)
+    return engine.decoder(rows=bands[sp.rank]), [b - a for a, b in bands]
+
+
+def _decode_band(engine, band, x0: torch.Tensor) -> torch.Tensor:
+    """This rank's band of the chunk's frames, then every rank's band: uint8 [T, H, W, 3] on the device. Queued on
+    the DiT's stream after the chunk, like its collectives and in the same order on every rank: the decode has the
+    GPU to itself (beside the DiT it took ~700 ms for ~170 ms of kernels on 4 x H200, docs/PERFORMANCE.md v19)."""
+    vae, counts = band
+    mine = media.pixels_to_uint8(vae.decode_chunk(x0[0]))
+    return engine.sp.gather(mine, sum(counts), dim=1, counts=counts)
 
 
 def _stream(device: torch.device, priority: int):
@@ -286,14 +308,17 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
     """Yields one ChunkOutput per chunk on the leader; followers yield nothing and return when told to.
 
     On the leader three things overlap: the DiT of chunk c+1 (producer thread), the VAE decode of chunk c
-    (decoder thread, its own CUDA stream) and whatever the consumer does with chunk c-1 (frame encoding,
+    (decoder thread, its own CUDA stream; decoded in bands, on every rank's DiT stream after the chunk, the decoder
+    thread only copies the frames to the host) and whatever the consumer does with chunk c-1 (frame encoding,
     network). Queues are bounded, so a slow consumer slows generation instead of piling up frames; closing
     the generator (cancel) stops the producer at the next chunk boundary and releases every rank.
     """
     if not engine.sp.is_leader:
         with torch.inference_mode():
-            for _ in _denoise_chunks(engine, job):
-                pass
+            band = _band_decoder(engine, job)
+            for _, x0, _, _ in _denoise_chunks(engine, job):
+                if band is not None:
+                    _decode_band(engine, band, x0)
         _sync(engine.device)  # the job ends when its GPU work does (and an asynchronous error surfaces here)
         return
 
@@ -308,6 +333,7 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
     first_queued = threading.Event()
     if not FIRST_FRAMES_FIRST:
         first_queued.set()
+    band = _band_decoder(engine, job)  # decoded in bands: by the DiT thread, after each chunk
 
     def put(q: queue.Queue, item, until: threading.Event) -> bool:
         """Blocking put that gives up once `until` is set (its reader has gone away)."""
@@ -327,6 +353,8 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                 chunks = _denoise_chunks(engine, job, stop)
                 try:
                     for item in chunks:
+                        if band is not None:
+                            item = (*item, _decode_band(engine, band, item[1]), _mark(dev))
                         if not put(to_decode, item, until=stop):
                             break
                         while item[0] == 0 and not first_queued.wait(0.05) and not stop.is_set():
@@ -345,7 +373,7 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
         try:
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
-            decoder = engine.decoder()
+            decoder = engine.decoder() if band is None else None
             frame_start = 0
             first, _, later = _priorities() if dev.type == "cuda" else (0, 0, 0)
             if decode_priority(engine.decode_priority) == "high":
@@ -363,12 +391,20 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                     if isinstance(item, BaseException):  # the DiT failed: after the chunks before it
                         put(out, item, until=cancelled)
                         break
-                    c, x0, dit_stats, marks = item
+                    c, x0, dit_stats, marks, *banded = item
                     dit_stats["dit_ms"] = _wait_ms(*marks)  # x0 is ready once the DiT stream is past the mark
                     t1 = time.perf_counter()
                     n_frames = pixel_frames_for_chunk(c)
                     frames, launched = None, t1
-                    if job.decode:
+                    if banded:  # decoded and gathered on the DiT's stream: copied from there once it is done
+                        gathered, ready = banded
+                        if isinstance(ready, torch.cuda.Event):
+                            torch.cuda.current_stream(dev).wait_event(ready)
+                        dit_stats["band_decode_ms"] = _wait_ms(marks[1], ready)  # the GPU's, gather included
+                        frames = to_host(gathered).numpy()
+                        del gathered, banded
+                        assert frames.shape[0] == n_frames, (frames.shape, n_frames)
+                    elif job.decode:
                         with _stream(dev, first) if c == 0 else contextlib.nullcontext():
                             video = decoder.decode_chunk(x0[0])
                             launched = time.perf_counter()

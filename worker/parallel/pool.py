@@ -29,7 +29,7 @@ from worker.config import CHUNK_LATENT_FRAMES, DEFAULT_KV_SINK, DEFAULT_KV_WINDO
 from worker.engine import Engine, default_device
 from worker.models import chunk_graphs
 from worker.models.attention import backend_setting as attention_backend_setting
-from worker.parallel.sp import SequenceParallel, default_decode_cost, leader_share_for
+from worker.parallel.sp import SequenceParallel, decode_split, default_decode_cost, leader_share_for
 from worker.rollout import ChunkOutput, RolloutJob
 
 log = logging.getLogger("worker.pool")
@@ -165,14 +165,15 @@ class RankPool:
         """Spawn ranks 1..N-1, load the model on every rank, return when all are ready.
 
         decode_cost: the leader's frame decode as a fraction of one GPU's DiT time per chunk (default
-        $LINGBOT_SP_DECODE_COST, else sp.default_decode_cost); the leader gets that much less of the tokens.
+        $LINGBOT_SP_DECODE_COST, else sp.default_decode_cost for $LINGBOT_DECODE_SPLIT: 0 when every rank decodes
+        a band); the leader gets that much less of the tokens.
         head_share: the leader's fraction of the attention heads; None splits them evenly (tests use it to run
         uneven head groups)."""
         timeout_s = timeout_s or float(os.environ.get("LINGBOT_RANK_TIMEOUT_S", "300"))
         if ranks < 1:
             raise ValueError(f"ranks: {ranks} must be >= 1")
         if decode_cost is None:
-            raw = os.environ.get("LINGBOT_SP_DECODE_COST", str(default_decode_cost(ranks)))
+            raw = os.environ.get("LINGBOT_SP_DECODE_COST", str(default_decode_cost(ranks, decode_split())))
             try:
                 decode_cost = float(raw)
                 if not 0 <= decode_cost < 1:
@@ -278,11 +279,14 @@ class RankPool:
                 self._mark_unhealthy(f"rank {rank} failed: {detail}")
 
     def configure(self, *, decode_cost: float | None = None, cuda_graphs: str | None = None,
-                  decode_priority: str | None = None) -> None:
-        """From the next job on, on every rank: the token split for this decode cost, and the CUDA-graph mode
-        (Engine.configure); on the leader, which decodes, the decode stream's priority. Benchmarks compare
-        settings in one process instead of loading the model once each."""
-        settings = {"cuda_graphs": cuda_graphs,
+                  decode_priority: str | None = None, decode_split: str | None = None) -> None:
+        """From the next job on, on every rank: who decodes (sp.decode_split) with the token split for this decode
+        cost (a new decode split without a cost takes that split's default), and the CUDA-graph mode
+        (Engine.configure); on the leader the decode stream's priority (decode split "leader"). Benchmarks
+        compare settings in one process instead of loading the model once each."""
+        if decode_split is not None and decode_cost is None:
+            decode_cost = default_decode_cost(self.world, decode_split)
+        settings = {"cuda_graphs": cuda_graphs, "decode_split": decode_split,
                     "leader_share": None if decode_cost is None else leader_share_for(self.world, decode_cost)}
         self.engine.configure(**settings, decode_priority=decode_priority)  # checks before any other rank takes it
         for rank, conn in enumerate(self.conns, start=1):

@@ -5,9 +5,10 @@ through an all-to-all from "tokens split, all heads" to "all tokens, heads split
 back the same way. Each rank therefore caches K/V only for its own heads, and receives them straight into its
 cache. With one rank every method is the identity, so the single-GPU path pays nothing.
 
-The split need not be even. Rank 0 (the leader) also decodes the frames, on a second stream of the same GPU,
-and every other rank waits for it inside the next all-to-all; giving the leader a smaller share of the tokens
-(`leader_share`) evens out the work per rank. Heads split evenly by default: the attention kernel runs in whole
+The split need not be even. By default every rank decodes a band of each chunk's frame rows between chunks
+(`decode_split`: "bands"), so every rank does the same work. With "leader" rank 0 alone decodes whole frames, on a
+second stream of the same GPU, and every other rank waits for it inside the next all-to-all; giving the leader a
+smaller share of the tokens (`leader_share`) evens out the work per rank. Heads split evenly by default: the attention kernel runs in whole
 waves of (query tile, head) programs over the GPU's SMs, so one head more than the others can cost a whole wave
 (4 x H200: 11 heads took 259 ms per chunk where 10 took 189 and 9 took 181, docs/PERFORMANCE.md v17), while a
 token more or less costs its share of the GEMMs. `leader_head_share` splits heads unevenly too (tests use it to
@@ -19,13 +20,31 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-# The leader's frame decode as a fraction of one GPU's DiT time per chunk, by rank count. Its stand-alone time
+DECODE_SPLITS = ("bands", "leader")
+
+
+def decode_split(value: str | None = None) -> str:
+    """Who decodes the frames of a multi-rank job: `value` (an engine's own setting), else LINGBOT_DECODE_SPLIT,
+    else "bands".
+    bands: every rank decodes its band of rows (worker/models/vae_rows.py) on its DiT stream right after the chunk,
+      and the leader gathers the bands: on 4 x H200 each rank's band took ~57 ms of the decode's ~150
+      (docs/PERFORMANCE.md v20).
+    leader: the leader decodes whole frames on its decoder stream, beside the next chunk's DiT."""
+    value = value if value is not None else os.environ.get("LINGBOT_DECODE_SPLIT", "bands")
+    if value not in DECODE_SPLITS:
+        raise ValueError(f"decode split {value!r}: must be one of {', '.join(DECODE_SPLITS)}")
+    return value
+
+
+# With decode_split "leader": the leader's frame decode as a fraction of one GPU's DiT time per chunk, by rank
+# count (with "bands" every rank decodes the same share, so 0, an even split). Its stand-alone time
 # (146 ms against ~2.1 s on an H200) would say 0.07, but the decoder's kernels partly fill the leader's idle gaps:
 # on 2 x H200 (docs/PERFORMANCE.md, v13) 0.04 beat both an even split and 0.08; on 4 x H200 with the DiT as kept
 # CUDA graphs (v18, one call) 0.12 beat 0.04, 0.2 and 0.28. 0 splits evenly.
@@ -33,7 +52,9 @@ DEFAULT_DECODE_COST = 0.04
 DEFAULT_DECODE_COST_4_RANKS = 0.12
 
 
-def default_decode_cost(world: int) -> float:
+def default_decode_cost(world: int, split: str = "bands") -> float:
+    if decode_split(split) == "bands":
+        return 0.0
     return DEFAULT_DECODE_COST_4_RANKS if world >= 4 else DEFAULT_DECODE_COST
 
 
@@ -102,11 +123,12 @@ class SequenceParallel:
         mine = consecutive_slices(self.split_tokens(x.shape[dim]))[self.rank]
         return x.narrow(dim, mine.start, mine.stop - mine.start)
 
-    def gather(self, x: torch.Tensor, true_len: int, dim: int = 1) -> torch.Tensor:
-        """Inverse of shard: every rank gets the full token axis."""
+    def gather(self, x: torch.Tensor, true_len: int, dim: int = 1, counts: Sequence[int] | None = None
+               ) -> torch.Tensor:
+        """Inverse of shard: every rank gets the full token axis (or the parts of `counts`, rank by rank)."""
         if not self.enabled:
             return x
-        counts = self.split_tokens(true_len)
+        counts = self.split_tokens(true_len) if counts is None else counts
         longest = max(counts)
         if x.shape[dim] < longest:  # all_gather wants equal sizes: pad, then cut each part back
             shape = list(x.shape)
