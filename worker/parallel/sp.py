@@ -37,7 +37,7 @@ def decode_split(value: str | None = None) -> str:
       and the leader gathers the bands: on 4 x H200 each rank's band took ~57 ms of the decode's ~150
       (docs/PERFORMANCE.md v20).
     leader: the leader decodes whole frames on its decoder stream, beside the next chunk's DiT."""
-    value = value if value is not None else os.environ.get("LINGBOT_DECODE_SPLIT", "bands")
+    value = (value if value is not None else os.environ.get("LINGBOT_DECODE_SPLIT", "bands")).strip().lower()
     if value not in DECODE_SPLITS:
         raise ValueError(f"decode split {value!r}: must be one of {', '.join(DECODE_SPLITS)}")
     return value
