@@ -211,6 +211,30 @@ def test_every_decode_split_gives_the_one_rank_frames(ranks: int, split: str):
         pool.close()
 
 
+def test_a_failed_band_decode_fails_the_job_at_once(monkeypatch):
+    """The leader's band decode fails between its chunk and the gather, where the follower already waits: the job
+    fails and the worker retires at once, instead of the leader waiting at a go/stop the follower never reaches
+    (the gloo timeout, 60 s here)."""
+    pool = RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60)
+    try:
+        real, calls = pool.engine.vae.decode_chunk, []
+
+        def broken(latents):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("decoder blew up")
+            return real(latents)
+
+        monkeypatch.setattr(pool.engine.vae, "decode_chunk", broken)
+        t0 = time.monotonic()
+        with pytest.raises(RankFailure, match="decoder blew up"):
+            list(pool.rollout(_job(chunks=4)))
+        assert time.monotonic() - t0 < 30
+        assert not pool.healthy
+    finally:
+        pool.close()
+
+
 def test_bad_decode_split_names_the_setting(monkeypatch):
     monkeypatch.setenv("LINGBOT_DECODE_SPLIT", "rank0")
     with pytest.raises(ValueError, match="decode split 'rank0': must be one of bands, leader"):

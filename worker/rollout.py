@@ -154,8 +154,13 @@ def _decode_band(engine, band, x0: torch.Tensor) -> torch.Tensor:
     the DiT's stream after the chunk, like its collectives and in the same order on every rank: the decode has the
     GPU to itself (beside the DiT it took ~700 ms for ~170 ms of kernels on 4 x H200, docs/PERFORMANCE.md v19)."""
     vae, counts = band
-    mine = media.pixels_to_uint8(vae.decode_chunk(x0[0]))
-    return engine.sp.gather(mine, sum(counts), dim=1, counts=counts)
+    try:
+        mine = media.pixels_to_uint8(vae.decode_chunk(x0[0]))
+        return engine.sp.gather(mine, sum(counts), dim=1, counts=counts)
+    except BaseException:
+        # The other ranks are in this chunk's gather or past it, not at a boundary: the group is out of step.
+        engine.ranks_in_sync = False
+        raise
 
 
 def _stream(device: torch.device, priority: int):
@@ -292,7 +297,7 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
             if not at_boundary:
                 # A rank failed inside a chunk: the others sit in a collective we cannot match any more.
                 engine.ranks_in_sync = False
-            elif leader and last_done + 1 < job.num_chunks:
+            elif leader and last_done + 1 < job.num_chunks and engine.ranks_in_sync:
                 # Stopped between chunks without the stop flag (an error on the leader): release the
                 # followers, which wait at the next chunk's go/stop.
                 try:
