@@ -11,9 +11,10 @@ collectives are captured with the rest, so a replay runs a whole forward, exchan
 
 Measured (docs/PERFORMANCE.md v17, v18): 4 x H200, end to end 824 ms per chunk eager, 719 ms with graphs per job
 (v17); in one call of v18, 754 ms with graphs per job and 668 ms with graphs kept across jobs. Fewer ranks do not
-gain: one GPU's host is far ahead of its GPU already (v15b), and on 2 x H200 (1447 ms with graphs against 1203 ms
-eager in one call, v18) the leader's decoder co-runs with the replays and costs more than the graphs save. So
-`auto` keeps graphs from AUTO_MIN_RANKS ranks on and uses none below.
+gain: one GPU's host is far ahead of its GPU already (v15b), and on 2 x H200 graphs lost 1447 to 1203 ms in one
+call of v18, when the leader's decoder co-ran with the replays; with the decode in bands between chunks, nothing
+co-runs and they still lose (1096 to 1083 ms, v20f). So `auto` keeps graphs from AUTO_MIN_RANKS ranks on and uses
+none below.
 
 LINGBOT_CUDA_GRAPHS: `auto` (default: `warm` on 4+ CUDA ranks, else `0`), `warm` (every span of the cache
 captured once and kept across jobs of one geometry, so a job replays from its first chunk; see JobGraphs), `1`
