@@ -4,7 +4,7 @@ After the middle block every decoder layer is local in space: 3x3 convs, RMS nor
 nearest 2x upsampling. Output rows [a, b) therefore depend on a band of rows at each earlier layer, one conv
 radius wider per 3x3 conv going back, and half as tall (rounded outwards) across each upsampling. The middle
 block's attention is global over the frame, so conv_in and the middle block run on the whole frame, at latent
-resolution, on every rank (about 2% of the decoder's FLOPs at 832x480). After it the band is cropped before every
+resolution, on every rank (1.5% of the decoder's conv work at 832x480). After it the band is cropped before every
 residual block, upsampler and the head, so each op computes only the rows its output needs.
 
 Rows cut at an interior band edge are zero-padded by the next conv, which the full decode would not do; the crops
@@ -64,27 +64,32 @@ def _windows(kinds: list[str], latent_rows: int, rows: tuple[int, int]) -> list[
 
 
 def band_work(decoder: WanDecoder3d, latent_rows: int, rows: tuple[int, int]) -> float:
-    """The conv multiply-adds per column of one latent frame's decode that output rows [a, b) take after the
-    middle block (the convs are nearly all of the decoder's work; the middle block is the same on every band)."""
+    """The conv multiply-adds that output rows [a, b) take after the middle block, per latent column and latent
+    frame decoded (the convs are nearly all of the decoder's work; the middle block, 1.5% of it at 832x480, is the
+    same on every band)."""
     kinds, weights = _row_weights(decoder)
     return sum(w * (b - a) for w, (a, b) in zip(weights, _windows(kinds, latent_rows, rows)))
 
 
 def _row_weights(decoder: WanDecoder3d) -> tuple[list[str], list[float]]:
-    """Each op's kind and its conv multiply-adds per input row (per column, per latent frame decoded)."""
-    kinds, weights, frames = [], [], 1
+    """Each op's kind and its conv multiply-adds per row of its input (per latent column and latent frame decoded:
+    an op at twice the resolution has twice the columns, and after a temporal upsampling twice the frames)."""
+    kinds, weights, frames, columns = [], [], 1, 1
     for kind, module in _ops(decoder):
-        if kind == "res":
-            w = frames * sum(c.weight[0].numel() * c.out_channels for c in (module.conv1, module.conv2))
+        if kind == "res":  # two 3x3x3 convs, and a 1x1x1 shortcut where the channels change
+            convs = [module.conv1, module.conv2] + [module.conv_shortcut] * isinstance(module.conv_shortcut,
+                                                                                        torch.nn.Conv3d)
+            w = frames * columns * sum(c.weight.numel() for c in convs)
         elif kind == "up":
             w = 0
             if module.mode == "upsample3d":
-                w += frames * module.time_conv.weight[0].numel() * module.time_conv.out_channels
+                w += frames * columns * module.time_conv.weight.numel()
                 frames *= 2
-            conv = module.resample[1]
-            w += frames * 2 * conv.weight[0].numel() * conv.out_channels  # after the upsampling: twice the rows
+            columns *= 2
+            conv = module.resample[1]  # after the 2x upsampling: twice the rows of the op's input
+            w += frames * columns * 2 * conv.weight.numel()
         else:
-            w = frames * decoder.conv_out.weight[0].numel() * decoder.conv_out.out_channels
+            w = frames * columns * decoder.conv_out.weight.numel()
         kinds.append(kind)
         weights.append(float(w))
     return kinds, weights
