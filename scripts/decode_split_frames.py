@@ -33,9 +33,10 @@ def main() -> None:
             diff = np.abs(lead.frames.astype(np.int16) - band.frames.astype(np.int16))
             mse = float((diff.astype(np.float64) ** 2).mean())
             psnr = float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
-            print(f"chunk {lead.index}: frames {lead.frames.shape}, latents equal {torch.equal(lead.latents, band.latents)}"
-                  f"; frames max |diff| {diff.max()}, mean {diff.mean():.4f}, pixels differing {(diff > 0).mean():.4%}, "
-                  f"PSNR {psnr:.1f} dB; band decode {band.stats.get('band_decode_ms', float('nan')):.1f} ms")
+            same = torch.equal(lead.latents, band.latents)
+            print(f"chunk {lead.index}: frames {lead.frames.shape}, latents equal {same}; frames max |diff| "
+                  f"{diff.max()}, mean {diff.mean():.4f}, values differing {(diff > 0).mean():.4%}, PSNR {psnr:.1f} dB; "
+                  f"band decode {band.stats.get('band_decode_ms', float('nan')):.1f} ms")
     finally:
         gen.close()
 

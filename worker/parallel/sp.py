@@ -8,11 +8,11 @@ cache. With one rank every method is the identity, so the single-GPU path pays n
 The split need not be even. By default every rank decodes a band of each chunk's frame rows between chunks
 (`decode_split`: "bands"), so every rank does the same work. With "leader" rank 0 alone decodes whole frames, on a
 second stream of the same GPU, and every other rank waits for it inside the next all-to-all; giving the leader a
-smaller share of the tokens (`leader_share`) evens out the work per rank. Heads split evenly by default: the attention kernel runs in whole
-waves of (query tile, head) programs over the GPU's SMs, so one head more than the others can cost a whole wave
-(4 x H200: 11 heads took 259 ms per chunk where 10 took 189 and 9 took 181, docs/PERFORMANCE.md v17), while a
-token more or less costs its share of the GEMMs. `leader_head_share` splits heads unevenly too (tests use it to
-exercise uneven exchanges).
+smaller share of the tokens (`leader_share`) evens out the work per rank. Heads split evenly by default: the
+attention kernel runs in whole waves of (query tile, head) programs over the GPU's SMs, so one head more than the
+others can cost a whole wave (4 x H200: 11 heads took 259 ms per chunk where 10 took 189 and 9 took 181,
+docs/PERFORMANCE.md v17), while a token more or less costs its share of the GEMMs. `leader_head_share` splits
+heads unevenly too (tests use it to exercise uneven exchanges).
 """
 
 from __future__ import annotations
