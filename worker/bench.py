@@ -194,7 +194,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
         "attention": active_backend(dev, head_dim=cfg.head_dim),
         "decode_priority": decode_priority(engine.decode_priority) if decode else None,  # as the leader ran it
         "decode_split": decode_split(engine.decode_split) if decode and engine.sp.enabled else None,
-        # per-rank tokens of a chunk and heads (worker/parallel/sp.py: the leader takes fewer tokens while it decodes)
+        # per-rank tokens of a chunk and heads (worker/parallel/sp.py: even, unless the leader alone decodes)
         "sp_split": {"tokens": engine.sp.split_tokens(chunk_tokens(cfg, height // VAE_STRIDE[1], width // VAE_STRIDE[2])),
                      "heads": engine.sp.split_heads(cfg.num_heads)},
     }
