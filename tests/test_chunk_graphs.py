@@ -38,15 +38,15 @@ def test_mode_setting(monkeypatch):
         chunk_graphs.mode_setting()
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # device types only: nothing runs on them
     monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "auto")
-    assert not chunk_graphs.wanted(cpu, SINGLE)  # auto: kept graphs with 4+ CUDA ranks, nothing below
-    assert not chunk_graphs.wanted(cpu, SequenceParallel(0, 4))
-    assert not chunk_graphs.wanted(cuda, SequenceParallel(0, 2))
+    assert chunk_graphs.resolve(None, cpu, SINGLE) == "0"  # auto: kept graphs with 4+ CUDA ranks, nothing below
+    assert chunk_graphs.resolve(None, cpu, SequenceParallel(0, 4)) == "0"
+    assert chunk_graphs.resolve(None, cuda, SequenceParallel(0, 2)) == "0"
     assert chunk_graphs.resolve(None, cuda, SequenceParallel(0, 4)) == "warm"
     assert chunk_graphs.resolve("1", cuda, SINGLE) == "1" and chunk_graphs.resolve("1", cpu, SINGLE) == "0"
     monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "0")
-    assert not chunk_graphs.wanted(cuda, SequenceParallel(0, 4))
+    assert chunk_graphs.resolve(None, cuda, SequenceParallel(0, 4)) == "0"
     monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun")
-    assert chunk_graphs.wanted(cpu, SINGLE)
+    assert chunk_graphs.resolve(None, cpu, SINGLE) == "rerun"
 
 
 # window 6: a chunk's frames are one run of slots; window 7: they wrap around the window inside a chunk

@@ -78,11 +78,6 @@ def is_stand_in(mode: str) -> bool:
     return mode.startswith("rerun")
 
 
-def wanted(device: torch.device, sp: SequenceParallel, mode: str | None = None) -> bool:
-    """Whether this job's steady chunks should run as graphs (the same answer on every rank)."""
-    return resolve(mode, device, sp) != "0"
-
-
 class _Rerun:
     """The `rerun` stand-in for torch.cuda.CUDAGraph: replay runs the captured function again."""
 

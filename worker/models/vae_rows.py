@@ -16,6 +16,8 @@ another algorithm for a smaller input).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanDecoder3d, WanUpBlock
 
@@ -97,7 +99,13 @@ def _row_weights(decoder: WanDecoder3d) -> tuple[list[str], list[float]]:
 
 def balanced_bands(decoder: WanDecoder3d, latent_rows: int, parts: int) -> list[tuple[int, int]]:
     """Output rows split into `parts` consecutive bands whose largest band_work is as small as whole rows allow.
-    Bands at the image's edges need a margin on one side only, so they get more rows than the ones inside."""
+    Bands at the image's edges need a margin on one side only, so they get more rows than the ones inside.
+    Planned once per decoder and geometry (the search takes tens of milliseconds, at every job's start otherwise)."""
+    return list(_balanced_bands(decoder, latent_rows, parts))
+
+
+@functools.lru_cache(maxsize=32)
+def _balanced_bands(decoder: WanDecoder3d, latent_rows: int, parts: int) -> tuple[tuple[int, int], ...]:
     kinds, weights = _row_weights(decoder)
     height = latent_rows * 2 ** kinds.count("up")
     if not 1 <= parts <= height:
@@ -124,7 +132,7 @@ def balanced_bands(decoder: WanDecoder3d, latent_rows: int, parts: int) -> list[
         mid = (lo + hi) / 2
         found = split(mid)
         lo, hi, best = (mid, hi, best) if found is None else (lo, mid, found)
-    return best
+    return tuple(best)
 
 
 def _crop(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -146,7 +154,7 @@ def decode_rows(decoder: WanDecoder3d, x: torch.Tensor, rows: tuple[int, int], f
     x = decoder.mid_block(x, feat_cache=feat_cache, feat_idx=feat_idx)
     ops = _ops(decoder)
     start = 0  # the first row of x, at x's resolution
-    for (kind, module), (lo, hi) in zip(ops, band_windows(decoder, x.shape[3], rows)):
+    for (kind, module), (lo, hi) in zip(ops, _windows([kind for kind, _ in ops], x.shape[3], rows)):
         x, start = _crop(x, lo - start, hi - start), lo
         if kind == "res":
             x = module(x, feat_cache=feat_cache, feat_idx=feat_idx)
