@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -51,6 +52,10 @@ def offload_text_encoder(dev: torch.device, sp: SequenceParallel, env=os.environ
     if dev.type != "cuda" or sp.world > 1:
         return False
     return torch.cuda.get_device_properties(dev).total_memory < 100 * 2**30
+
+
+def _origin(source: ModelSource) -> str:
+    return "built with random weights" if source.kind == "random" else f"loaded from {source.path}"
 
 
 def resolve_with_fallback(spec: str | None) -> ModelSource:
@@ -140,7 +145,10 @@ class Engine:
         dtype = dtype or torch.bfloat16
         if source.kind == "random":
             log.warning(NOISE_WARNING.format(name=source.preset.name))
+        rank = f"rank {sp.rank}: " if sp.enabled else ""
+        t = time.perf_counter()
         dit = load_dit(source, dtype=dtype, device=dev, seed=seed)
+        log.info("%sDiT %s in %.1f s", rank, _origin(source), time.perf_counter() - t)
         if fp8 if fp8 is not None else os.environ.get("LINGBOT_FP8") == "1":
             from worker.models.fp8 import convert_blocks_to_fp8
 
@@ -149,12 +157,16 @@ class Engine:
         # Every rank holds the VAE (0.25 GB in bf16): the leader encodes the image condition, and every rank
         # decodes its band of the frames (sp.decode_split).
         vae_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        t = time.perf_counter()
         vae = StreamingVAE(load_vae_for(source, vae_dtype, dev))
+        log.info("%sVAE %s in %.1f s", rank, _origin(source), time.perf_counter() - t)
         enc = None
         if sp.is_leader:
             if text_encoder:
+                t = time.perf_counter()
                 enc = load_text_encoder_for(source, dtype if dev.type == "cuda" else torch.float32, dev,
                                             offload_after_encode=offload_text_encoder(dev, sp))
+                log.info("%stext encoder %s in %.1f s", rank, _origin(source), time.perf_counter() - t)
         engine = cls(source=source, dit=dit, vae=vae, text_encoder=enc, device=dev, sp=sp)
         if sp.is_leader and not text_encoder:
             # Benchmarks skip the 11 GB encoder: a fixed random context with a typical prompt length.

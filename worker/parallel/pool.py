@@ -73,7 +73,10 @@ def _share_cpu(world: int) -> None:
 
 
 def _follower_main(rank: int, world: int, port: int, model: str | None, device: str, dtype: torch.dtype | None,
-                   timeout_s: float, text_encoder: bool, shares: tuple[float, float | None], conn) -> None:
+                   timeout_s: float, text_encoder: bool, shares: tuple[float, float | None], log_level: int,
+                   conn) -> None:
+    # A spawned process starts with logging unconfigured: log at the leader's level, so its load times show too.
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     os.environ.update(MULTICAST_OFF)
     _share_cpu(world)
     try:
@@ -191,7 +194,7 @@ class RankPool:
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_follower_main, name=f"lingbot-rank{rank}", daemon=True,
                             args=(rank, ranks, port, model, device, dtype, timeout_s, text_encoder, (share, head_share),
-                                  child))
+                                  logging.getLogger().getEffectiveLevel(), child))
             p.start()
             procs.append(p)
             conns.append(parent)

@@ -1,0 +1,122 @@
+"""Cold start measured, not extrapolated: a full-size random model on local disk, then process start to ready.
+
+    python3 scripts/cold_start_full.py write --dir /tmp/lw          # ~86 GB: needs a machine with the disk for it
+    python3 scripts/cold_start_full.py start --dir /tmp/lw --ranks 1,4
+
+`write` saves a full-size random LingBot-World Fast in the diffusers layout the worker loads
+(robbyant/lingbot-world-fast-diffusers): transformer/ as fp32 safetensors shards of ~5 GB with the official tensor
+names and an index (74.2 GB, as the real repo), vae/ (fp32) and text_encoder/ (the UMT5-XXL encoder, bf16, 11.4
+GB) through save_pretrained, and the in-code tiny tokenizer (the real one is a few MB: its load time is not what
+this measures). Then `sync`.
+
+`start` drops the page cache (root only; says so if it cannot), starts a fresh process that runs exactly what the
+workers run at start-up (`load_generator(dir, "cuda", ranks)`: every rank streams the DiT shards to its GPU, loads
+the VAE, the leader the text encoder, then the warm-up chunk(s)), and reports the seconds from process start to
+ready with the engine's own per-part log lines. Kernel caches (`LINGBOT_COMPILE_CACHE`) are whatever the
+environment says: a production worker keeps them on its volume.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHARD_BYTES = 5 * 10**9
+
+
+def write(root: Path, preset: str, device: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.checkpoints import MODEL_INDEX, diffusers_transformer_config
+    from worker.config import PRESETS
+    from worker.models.dit import build_dit
+    from worker.models.loading import INDEX_NAME
+    from worker.models.text_encoder import build_text_encoder
+    from worker.models.vae import build_vae
+
+    full = PRESETS[preset]
+    t0 = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    tdir = root / "transformer"
+    tdir.mkdir(exist_ok=True)
+    dit = build_dit(full.dit, device=device, dtype=torch.float32, seed=0)
+    sd = dit.state_dict()
+    groups, size = [[]], 0
+    for name, t in sd.items():
+        nbytes = t.numel() * 4
+        if groups[-1] and size + nbytes > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, names in enumerate(groups, 1):
+        fname = f"diffusion_pytorch_model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: sd[n].contiguous().cpu() for n in names}, str(tdir / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in names})
+        total += sum(sd[n].numel() * 4 for n in names)
+    (tdir / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (tdir / "config.json").write_text(json.dumps(diffusers_transformer_config(full.dit), indent=2))
+    del dit, sd
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    print(f"transformer: {total / 1e9:.2f} GB fp32 in {len(groups)} shards, {time.perf_counter() - t0:.0f} s so far")
+    build_vae(full.vae, torch.float32, "cpu", seed=0).save_pretrained(root / "vae")
+    with torch.device(device):  # initialising 5.7 B parameters on the CPU takes minutes
+        te = build_text_encoder(full.text_encoder, torch.bfloat16, device, seed=0)
+    te.model.save_pretrained(root / "text_encoder")
+    te.tokenizer.save_pretrained(root / "tokenizer")
+    del te
+    subprocess.run(["sync"], check=True)
+    du = subprocess.run(["du", "-sh", *(str(p) for p in sorted(root.iterdir()))], capture_output=True, text=True)
+    print(du.stdout.strip())
+    print(f"written and synced in {time.perf_counter() - t0:.0f} s")
+
+
+CHILD = """
+import time; t0 = time.perf_counter()
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(name)s: %(message)s")
+from worker.parallel.pool import load_generator
+t_import = time.perf_counter() - t0
+gen = load_generator(sys.argv[1], sys.argv[3], int(sys.argv[2]))
+print(f"READY imports {t_import:.1f} s, process start to ready {time.perf_counter() - t0:.1f} s", flush=True)
+getattr(gen, "close", lambda: None)()
+"""
+
+
+def start(root: Path, ranks: int, device: str) -> None:
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        note = "page cache dropped"
+    except OSError:
+        note = "page cache NOT dropped: reads may come from RAM"
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", CHILD, str(root), str(ranks), device], capture_output=True,
+                         text=True, env=os.environ)
+    wall = time.perf_counter() - t
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines()
+             if "READY" in ln or " in " in ln and ("worker." in ln) or "Error" in ln or "rank pool" in ln]
+    print(f"--- {ranks} rank(s), {note}: wall {wall:.1f} s (exit {out.returncode})")
+    print("\n".join(lines[-40:]))
+    if out.returncode:
+        print((out.stdout + out.stderr)[-3000:])
+
+
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("what", choices=["write", "start"])
+ap.add_argument("--dir", type=Path, default=Path("/tmp/lw"))
+ap.add_argument("--preset", default="lingbot-world-fast", help="write: the model's size (tiny: a quick check)")
+ap.add_argument("--device", default="cuda")
+ap.add_argument("--ranks", default="1", help="start: comma-separated rank counts, one fresh process each")
+a = ap.parse_args()
+if a.what == "write":
+    write(a.dir, a.preset, a.device)
+else:
+    for r in a.ranks.split(","):
+        start(a.dir, int(r), a.device)
