@@ -238,11 +238,27 @@ def result(call_id: str):
                             content={"call_id": call_id, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
 
 
+def _bf16_copy(snapshot: str, repo_id: str, root: str = MODELS_DIR) -> str:
+    """A bf16 copy of a downloaded checkpoint at <root>/<org>/<name>, where resolve_model looks before the HF cache
+    ($LINGBOT_MODEL_DIR): every cold start then reads 37 GB of DiT instead of 74 (worker/models/convert.py).
+    Written once; an existing copy is kept."""
+    from worker.models.convert import convert_checkpoint
+    from worker.models.loading import resolve_model
+
+    dst = Path(root) / repo_id
+    if not dst.exists():
+        convert_checkpoint(resolve_model(snapshot), dst)
+    return str(dst)
+
+
 @app.function(image=image, volumes={MODELS_DIR: volume}, timeout=4 * 3600)
-def download_model(repo_id: str = MODEL) -> str:
-    """`modal run modal_app.py::download_model` once: snapshot the weights into the volume's HF cache."""
+def download_model(repo_id: str = MODEL, bf16: bool = True) -> str:
+    """`modal run modal_app.py::download_model` once: snapshot the weights into the volume's HF cache, then (unless
+    `--no-bf16`) write the bf16 copy of the DiT the workers load first."""
     from huggingface_hub import snapshot_download
 
     path = snapshot_download(repo_id)
+    if bf16:
+        path = _bf16_copy(path, repo_id)
     volume.commit()
     return path

@@ -279,3 +279,33 @@ def test_kernels_compiled_at_start_are_committed_to_the_volume(modal_app, monkey
     monkeypatch.setenv("LINGBOT_COMPILE_CACHE", modal_app.RUNTIME_ENV["LINGBOT_COMPILE_CACHE"])
     modal_app._commit_compile_cache()
     assert commits == [1, 1] and "compile cache not committed to the volume: volume busy" in caplog.text
+
+
+def test_download_writes_the_bf16_copy_the_workers_find_first(modal_app, tmp_path):
+    """download_model's last step: the bf16 copy lands where resolve_model looks before the HF cache, so the
+    workers (LINGBOT_MODEL_DIR=/models, HF_HOME=/models) load it; a second download keeps it."""
+    import torch
+
+    from tests.checkpoints import TINY, fake_hf_cache, write_tiny_checkpoint
+    from worker.models.dit import build_dit
+    from worker.models.loading import find_shards, resolve_model
+
+    repo = "robbyant/lingbot-world-fast-diffusers"
+    volume = tmp_path / "models"
+    snap = fake_hf_cache(volume / "hub", repo)
+    sd = build_dit(TINY.dit, device="cpu", dtype=torch.float32, seed=0).state_dict()
+    write_tiny_checkpoint(snap, "diffusers", sd, TINY.dit)
+    env = {"LINGBOT_MODEL_DIR": str(volume), "HF_HOME": str(volume)}
+    assert resolve_model(repo, env=env).path == snap.resolve()  # before: the fp32 snapshot
+
+    dst = modal_app._bf16_copy(str(snap), repo, root=str(volume))
+    assert Path(dst) == volume / repo
+    source = resolve_model(repo, env=env)
+    assert source.path == Path(dst).resolve()
+    from safetensors import safe_open
+
+    with safe_open(str(find_shards(source.transformer_dir).files[0]), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    mtime = (Path(dst) / "transformer").stat().st_mtime_ns
+    assert modal_app._bf16_copy(str(snap), repo, root=str(volume)) == dst
+    assert (Path(dst) / "transformer").stat().st_mtime_ns == mtime
