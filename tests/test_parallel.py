@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -254,6 +255,25 @@ def test_cancel_releases_ranks_and_next_job_is_correct():
         torch.testing.assert_close(_latents(pool, job), ref, rtol=1e-4, atol=1e-4)
     finally:
         pool.close()
+
+
+def test_a_rank_that_dies_as_the_collective_fails_is_still_named():
+    """The leader's collective can fail (connection reset) a moment before the killed rank's process is reaped;
+    the failure must still name the rank, not only the socket error."""
+    class Proc:
+        def __init__(self, dies_after_s: float) -> None:
+            self.t_dead, self.exitcode = time.monotonic() + dies_after_s, -9
+
+        def is_alive(self) -> bool:
+            return time.monotonic() < self.t_dead
+
+    pool = types.SimpleNamespace(procs=[Proc(1e9), Proc(0.2)])
+    assert RankPool._dead_rank(pool) is None
+    assert RankPool._dead_rank(pool, grace_s=2.0) == "rank 2 exited with code -9"
+    pool.procs[1].t_dead = time.monotonic() + 1e9
+    t0 = time.monotonic()
+    assert RankPool._dead_rank(pool, grace_s=0.3) is None
+    assert 0.3 <= time.monotonic() - t0 < 1.0
 
 
 def test_killed_rank_fails_job_within_bounded_time():

@@ -234,11 +234,17 @@ class RankPool:
             self.unhealthy_reason = reason
             log.error("rank pool unhealthy: %s", reason)
 
-    def _dead_rank(self) -> str | None:
-        for rank, p in enumerate(self.procs, start=1):
-            if not p.is_alive():
-                return f"rank {rank} exited with code {p.exitcode}"
-        return None
+    def _dead_rank(self, grace_s: float = 0.0) -> str | None:
+        """The first follower that has exited, looking for up to grace_s: a killed rank's sockets close (and the
+        leader's collective fails) a moment before its process can be reaped."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            for rank, p in enumerate(self.procs, start=1):
+                if not p.is_alive():
+                    return f"rank {rank} exited with code {p.exitcode}"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
 
     def _watch(self) -> None:
         while not self._stop.wait(0.25):
@@ -261,7 +267,7 @@ class RankPool:
         except GeneratorExit:
             raise
         except Exception as exc:
-            dead = self._dead_rank()
+            dead = self._dead_rank(grace_s=0.0 if self.engine.ranks_in_sync else 2.0)
             if dead or not self.engine.ranks_in_sync:
                 self._mark_unhealthy(dead or f"ranks out of step after: {exc}")
                 raise RankFailure(f"multi-GPU rollout failed: {self.unhealthy_reason}") from exc
