@@ -106,3 +106,7 @@ def test_refuses_to_overwrite_and_cleans_a_partial_run(tmp_path: Path, state_dic
     assert main(["convert", "--model", str(src), "--out", str(tmp_path / "out")]) == 0
     assert not junk.exists() and not (tmp_path / "out" / "half-written.safetensors").exists()
     _same_weights(src, tmp_path / "out")
+    # inside the source folder: the copy does not copy itself
+    inner = convert_checkpoint(resolve_model(str(src)), src / "bf16")
+    assert not (inner / "bf16").exists() and not (inner / "bf16.partial").exists()
+    _same_weights(src, inner)

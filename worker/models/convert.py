@@ -77,8 +77,8 @@ def convert_checkpoint(source: ModelSource, dst: str | Path, dtype: torch.dtype 
 
     shard_names = {p.name for p in shards.files} | {INDEX_NAME, "diffusion_pytorch_model.safetensors"}
     for entry in source.path.iterdir():  # everything but the DiT's shards: components, configs, model_index.json
-        if entry.name in shard_names or entry.resolve() == source.transformer_dir.resolve():
-            continue
+        if entry.name in shard_names or entry.resolve() in (source.transformer_dir.resolve(), tmp.resolve()):
+            continue  # the copy itself, when it is written inside the source folder
         _link_tree(entry, tmp / entry.name)
     if source.transformer_dir != source.path:
         for entry in source.transformer_dir.iterdir():  # config.json and anything else beside the shards
