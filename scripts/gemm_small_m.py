@@ -4,8 +4,8 @@
 
 Why: at 4 ranks a rank's 1170 tokens make GEMMs of M=1170 whose output tiles fill the GPU's SMs in 1.5 waves
 (N=5120 with 128x256 tiles: 10 x 20 = 200 tiles on 132 SMs), and the v19 probe measured the q/k/v/o projections at
-~594 TFLOP/s against ~770 at M=4680. The 4-GPU DiT is 528 ms where a quarter of one GPU's would be ~462 ms; these
-GEMMs are ~45% of it. This prints, per shape, cuBLAS (F.linear) and, with --autotune, the best kernel
+~594 TFLOP/s against ~770 at M=4680. The 4-GPU DiT is 528 ms where a quarter of one GPU's DiT alone would be ~467
+ms; these GEMMs are ~45% of it. This prints, per shape, cuBLAS (F.linear) and, with --autotune, the best kernel
 torch.compile(mode="max-autotune-no-cudagraphs") finds (Triton persistent/TMA templates on Hopper), both as
 median ms of 50 calls and TFLOP/s, with the error against cuBLAS.
 """
