@@ -100,6 +100,7 @@ def test_refuses_to_overwrite_and_cleans_a_partial_run(tmp_path: Path, state_dic
         convert_checkpoint(resolve_model(str(src)), tmp_path / "taken")
     with pytest.raises(WeightsError, match="random-weight preset"):
         convert_checkpoint(resolve_model("tiny"), tmp_path / "x")
+    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "taken")]) == 2  # said, not a traceback
     junk = tmp_path / "out.partial"
     junk.mkdir()
     (junk / "half-written.safetensors").write_bytes(b"\0" * 10)

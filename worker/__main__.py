@@ -1,4 +1,5 @@
-"""Command line: `python -m worker generate ...` (one job, writes an MP4) and `python -m worker bench ...`."""
+"""Command line: `python -m worker generate ...` (one job, writes an MP4), `python -m worker bench ...` and
+`python -m worker convert ...` (a bf16 copy of a checkpoint)."""
 
 from __future__ import annotations
 
@@ -84,9 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from worker.models.convert import convert_checkpoint
-    from worker.models.loading import resolve_model
+    from worker.models.loading import WeightsError, resolve_model
 
-    out = convert_checkpoint(resolve_model(a.model), a.out)
+    try:
+        out = convert_checkpoint(resolve_model(a.model), a.out)
+    except (WeightsError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"bf16 checkpoint written to {out}")
     return 0
 
