@@ -1,6 +1,6 @@
 """Cold start measured, not extrapolated: a full-size random model on local disk, then process start to ready.
 
-    python3 scripts/cold_start_full.py write --dir /tmp/lw          # ~86 GB: needs a machine with the disk for it
+    python3 scripts/cold_start_full.py write --dir /tmp/lw          # ~86 GB of disk; builds the fp32 DiT (74 GB) on an H200
     python3 scripts/cold_start_full.py start --dir /tmp/lw --ranks 1,4
 
 `write` saves a full-size random LingBot-World Fast in the diffusers layout the worker loads
