@@ -5,7 +5,7 @@
 Why: at 4 ranks a rank's 1170 tokens make GEMMs of M=1170 whose output tiles fill the GPU's SMs in 1.5 waves
 (N=5120 with 128x256 tiles: 10 x 20 = 200 tiles on 132 SMs), and the v19 probe measured the q/k/v/o projections at
 ~594 TFLOP/s against ~770 at M=4680. The 4-GPU DiT is 528 ms where a quarter of one GPU's DiT alone would be ~467
-ms; these GEMMs are ~45% of it. This prints, per shape, cuBLAS (F.linear) and, with --autotune, the best kernel
+ms; these GEMMs are ~45% of it. This prints, per shape, cuBLAS (F.linear), the same through PyTorch's cuBLASLt path and, with --autotune, the best kernel
 torch.compile(mode="max-autotune-no-cudagraphs") finds (Triton persistent/TMA templates on Hopper), both as
 median ms of 50 calls and TFLOP/s, with the error against cuBLAS.
 """
@@ -41,8 +41,11 @@ with torch.inference_mode():
             flops = 2 * m * n * k
             ref = F.linear(x, w)
             t_blas = statistics.median(gpu_ms(lambda: F.linear(x, w), n=50))
+            torch.backends.cuda.preferred_blas_library("cublaslt")  # PyTorch's other path: its own heuristics
+            t_lt = statistics.median(gpu_ms(lambda: F.linear(x, w), n=50))
+            torch.backends.cuda.preferred_blas_library("cublas")
             line = f"ranks {ranks} M={m:5d} {name:38s} N={n:5d} K={k:5d} | cuBLAS {t_blas:6.3f} ms " \
-                   f"{flops / t_blas / 1e9:4.0f} TFLOP/s"
+                   f"{flops / t_blas / 1e9:4.0f} TFLOP/s | cuBLASLt {t_lt:6.3f} ms {flops / t_lt / 1e9:4.0f}"
             if a.autotune:
                 fn = torch.compile(lambda x, w: F.linear(x, w), mode="max-autotune-no-cudagraphs", dynamic=False)
                 out = fn(x, w)
