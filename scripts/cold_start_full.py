@@ -23,17 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-SHARD_BYTES = 5 * 10**9
-
-
 def write(root: Path, preset: str, device: str) -> None:
     import torch
-    from safetensors.torch import save_file
 
     from tests.checkpoints import MODEL_INDEX, diffusers_transformer_config
     from worker.config import PRESETS
+    from worker.models.convert import ShardWriter
     from worker.models.dit import build_dit
-    from worker.models.loading import INDEX_NAME
     from worker.models.text_encoder import build_text_encoder
     from worker.models.vae import build_vae
 
@@ -44,27 +40,15 @@ def write(root: Path, preset: str, device: str) -> None:
     tdir = root / "transformer"
     tdir.mkdir(exist_ok=True)
     dit = build_dit(full.dit, device=device, dtype=torch.float32, seed=0)
-    sd = dit.state_dict()
-    groups, size = [[]], 0
-    for name, t in sd.items():
-        nbytes = t.numel() * 4
-        if groups[-1] and size + nbytes > SHARD_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    weight_map, total = {}, 0
-    for i, names in enumerate(groups, 1):
-        fname = f"diffusion_pytorch_model-{i:05d}-of-{len(groups):05d}.safetensors"
-        save_file({n: sd[n].contiguous().cpu() for n in names}, str(tdir / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in names})
-        total += sum(sd[n].numel() * 4 for n in names)
-    (tdir / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    shards = ShardWriter(tdir)
+    for name, t in dit.state_dict().items():
+        shards.add(name, t)
+    count, total = shards.close(), shards.total_bytes
     (tdir / "config.json").write_text(json.dumps(diffusers_transformer_config(full.dit), indent=2))
-    del dit, sd
+    del dit
     if device == "cuda":
         torch.cuda.empty_cache()
-    print(f"transformer: {total / 1e9:.2f} GB fp32 in {len(groups)} shards, {time.perf_counter() - t0:.0f} s so far")
+    print(f"transformer: {total / 1e9:.2f} GB fp32 in {count} shards, {time.perf_counter() - t0:.0f} s so far")
     build_vae(full.vae, torch.float32, "cpu", seed=0).save_pretrained(root / "vae")
     with torch.device(device):  # initialising 5.7 B parameters on the CPU takes minutes
         te = build_text_encoder(full.text_encoder, torch.bfloat16, device, seed=0)

@@ -26,16 +26,21 @@ a = ap.parse_args()
 cfg = FULL.dit
 tokens = 3 * (480 // 16) * (832 // 16)  # one chunk: 3 latent frames of 30 x 52 patches = 4680
 d, f = cfg.dim, cfg.ffn_dim
-SHAPES = {"q/k/v/o, cross q/o, camera (N=K=dim)": (d, d), "FFN up (N=ffn)": (d, f), "FFN down (K=ffn)": (f, d),
-          "v per head group (N=dim/ranks)": None}
+
+
+def shapes(ranks: int) -> dict[str, tuple[int, int]]:
+    """(K, N) of each GEMM kind at this rank count."""
+    return {"q/k/v/o, cross q/o, camera (N=K=dim)": (d, d), "FFN up (N=ffn)": (d, f), "FFN down (K=ffn)": (f, d),
+            "v per head group (N=dim/ranks)": (d, d // ranks)}
+
+
 dev = torch.device("cuda")
 torch.manual_seed(0)
 
 with torch.inference_mode():
     for ranks in a.ranks:
         m = -(-tokens // ranks)
-        for name, kn in SHAPES.items():
-            k, n = kn if kn is not None else (d, d // ranks)
+        for name, (k, n) in shapes(ranks).items():
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
             flops = 2 * m * n * k

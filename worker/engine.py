@@ -6,6 +6,7 @@ rank needs and keeps them resident. `Engine.rollout` runs one job and yields dec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -54,8 +55,13 @@ def offload_text_encoder(dev: torch.device, sp: SequenceParallel, env=os.environ
     return torch.cuda.get_device_properties(dev).total_memory < 100 * 2**30
 
 
-def _origin(source: ModelSource) -> str:
-    return "built with random weights" if source.kind == "random" else f"loaded from {source.path}"
+@contextlib.contextmanager
+def _load_logged(part: str, source: ModelSource, sp: SequenceParallel) -> Iterator[None]:
+    """Log how long loading `part` took on this rank: what a cold start spends where (docs/PERFORMANCE.md v21c)."""
+    t = time.perf_counter()
+    yield
+    origin = "built with random weights" if source.kind == "random" else f"loaded from {source.path}"
+    log.info("%s%s %s in %.1f s", f"rank {sp.rank}: " if sp.enabled else "", part, origin, time.perf_counter() - t)
 
 
 def resolve_with_fallback(spec: str | None) -> ModelSource:
@@ -145,10 +151,8 @@ class Engine:
         dtype = dtype or torch.bfloat16
         if source.kind == "random":
             log.warning(NOISE_WARNING.format(name=source.preset.name))
-        rank = f"rank {sp.rank}: " if sp.enabled else ""
-        t = time.perf_counter()
-        dit = load_dit(source, dtype=dtype, device=dev, seed=seed)
-        log.info("%sDiT %s in %.1f s", rank, _origin(source), time.perf_counter() - t)
+        with _load_logged("DiT", source, sp):
+            dit = load_dit(source, dtype=dtype, device=dev, seed=seed)
         if fp8 if fp8 is not None else os.environ.get("LINGBOT_FP8") == "1":
             from worker.models.fp8 import convert_blocks_to_fp8
 
@@ -157,16 +161,13 @@ class Engine:
         # Every rank holds the VAE (0.25 GB in bf16): the leader encodes the image condition, and every rank
         # decodes its band of the frames (sp.decode_split).
         vae_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        t = time.perf_counter()
-        vae = StreamingVAE(load_vae_for(source, vae_dtype, dev))
-        log.info("%sVAE %s in %.1f s", rank, _origin(source), time.perf_counter() - t)
+        with _load_logged("VAE", source, sp):
+            vae = StreamingVAE(load_vae_for(source, vae_dtype, dev))
         enc = None
-        if sp.is_leader:
-            if text_encoder:
-                t = time.perf_counter()
+        if sp.is_leader and text_encoder:
+            with _load_logged("text encoder", source, sp):
                 enc = load_text_encoder_for(source, dtype if dev.type == "cuda" else torch.float32, dev,
                                             offload_after_encode=offload_text_encoder(dev, sp))
-                log.info("%stext encoder %s in %.1f s", rank, _origin(source), time.perf_counter() - t)
         engine = cls(source=source, dit=dit, vae=vae, text_encoder=enc, device=dev, sp=sp)
         if sp.is_leader and not text_encoder:
             # Benchmarks skip the 11 GB encoder: a fixed random context with a typical prompt length.

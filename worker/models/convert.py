@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from worker.models.loading import INDEX_NAME, ModelSource, WeightsError, find_shards
+from worker.models.loading import INDEX_NAME, SINGLE_NAME, ModelSource, WeightsError, find_shards
 
 SHARD_BYTES = 5 * 10**9
 
@@ -29,7 +29,6 @@ def convert_checkpoint(source: ModelSource, dst: str | Path, dtype: torch.dtype 
                        shard_bytes: int = SHARD_BYTES) -> Path:
     """Write `source` (a local checkpoint) to `dst` with its DiT's floating tensors in `dtype`. Returns dst."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     if source.kind != "local":
         raise WeightsError(f"model {source.spec!r} is a random-weight preset: there is nothing to convert")
@@ -44,38 +43,15 @@ def convert_checkpoint(source: ModelSource, dst: str | Path, dtype: torch.dtype 
     out_tdir.mkdir(parents=True)
 
     shards = find_shards(source.transformer_dir)
-    pending: dict[str, torch.Tensor] = {}
-    pending_bytes, written, weight_map, total = 0, [], {}, 0
-
-    def flush() -> None:
-        nonlocal pending, pending_bytes
-        if pending:
-            name = f"part-{len(written):05d}.safetensors"  # renamed below, once the count is known
-            save_file(pending, str(out_tdir / name), metadata={"format": "pt"})
-            written.append((name, list(pending)))
-            pending, pending_bytes = {}, 0
-
+    out = ShardWriter(out_tdir, shard_bytes)
     for path in shards.files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
                 t = f.get_tensor(key)
-                if t.is_floating_point():
-                    t = t.to(dtype)
-                nbytes = t.numel() * t.element_size()
-                if pending and pending_bytes + nbytes > shard_bytes:
-                    flush()
-                pending[key] = t.contiguous()
-                pending_bytes += nbytes
-                total += nbytes
-    flush()
-    for i, (name, keys) in enumerate(written, 1):
-        final = f"diffusion_pytorch_model-{i:05d}-of-{len(written):05d}.safetensors"
-        (out_tdir / name).rename(out_tdir / final)
-        weight_map.update(dict.fromkeys(keys, final))
-    (out_tdir / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                  indent=2))
+                out.add(key, t.to(dtype) if t.is_floating_point() else t)
+    out.close()
 
-    shard_names = {p.name for p in shards.files} | {INDEX_NAME, "diffusion_pytorch_model.safetensors"}
+    shard_names = {p.name for p in shards.files} | {INDEX_NAME, SINGLE_NAME}
     for entry in source.path.iterdir():  # everything but the DiT's shards: components, configs, model_index.json
         if entry.name in shard_names or entry.resolve() in (source.transformer_dir.resolve(), tmp.resolve()):
             continue  # the copy itself, when it is written inside the source folder
@@ -86,6 +62,47 @@ def convert_checkpoint(source: ModelSource, dst: str | Path, dtype: torch.dtype 
                 _link_tree(entry, out_tdir / entry.name)
     tmp.rename(dst)
     return dst
+
+
+class ShardWriter:
+    """Tensors in, one at a time; safetensors shards of at most `shard_bytes` out, named and indexed as the
+    diffusers repos name them (the shard count is in every name, so the shards are renamed once it is known)."""
+
+    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES) -> None:
+        self.folder, self.shard_bytes = Path(folder), shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.shard_bytes:
+            self._flush()
+        self._pending[name] = t.detach().contiguous().cpu()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self._pending:
+            name = f"part-{len(self._written):05d}.safetensors"
+            save_file(self._pending, str(self.folder / name), metadata={"format": "pt"})
+            self._written.append((name, list(self._pending)))
+            self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> int:
+        """Write what is left, name the shards and write the index; returns the shard count."""
+        self._flush()
+        weight_map = {}
+        for i, (name, keys) in enumerate(self._written, 1):
+            final = f"diffusion_pytorch_model-{i:05d}-of-{len(self._written):05d}.safetensors"
+            (self.folder / name).rename(self.folder / final)
+            weight_map.update(dict.fromkeys(keys, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        return len(self._written)
 
 
 def _link_tree(src: Path, dst: Path) -> None:
