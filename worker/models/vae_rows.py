@@ -69,7 +69,10 @@ def band_work(decoder: WanDecoder3d, latent_rows: int, rows: tuple[int, int]) ->
     """The conv multiply-adds that output rows [a, b) take after the middle block, per latent column and latent
     frame decoded (the convs are nearly all of the decoder's work; the middle block, 1.5% of it at 832x480, is the
     same on every band)."""
-    kinds, weights = _row_weights(decoder)
+    return _work(*_row_weights(decoder), latent_rows, rows)
+
+
+def _work(kinds: list[str], weights: list[float], latent_rows: int, rows: tuple[int, int]) -> float:
     return sum(w * (b - a) for w, (a, b) in zip(weights, _windows(kinds, latent_rows, rows)))
 
 
@@ -112,7 +115,7 @@ def _balanced_bands(decoder: WanDecoder3d, latent_rows: int, parts: int) -> tupl
         raise ValueError(f"cannot split {height} rows into {parts} bands")
 
     def work(a: int, b: int) -> float:
-        return sum(w * (hi - lo) for w, (lo, hi) in zip(weights, _windows(kinds, latent_rows, (a, b))))
+        return _work(kinds, weights, latent_rows, (a, b))
 
     def split(limit: float) -> list[tuple[int, int]] | None:
         """Greedy from the top: each band as tall as the limit allows; None if the last one exceeds it."""
