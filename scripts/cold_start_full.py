@@ -1,11 +1,13 @@
 """Cold start measured, not extrapolated: a full-size random model on local disk, then process start to ready.
 
     python3 scripts/cold_start_full.py write --dir /tmp/lw          # ~86 GB of disk; builds the fp32 DiT (74 GB) on an H200
+    python3 scripts/cold_start_full.py write --dir /tmp/lw16 --dtype bf16   # ~49 GB: what `worker convert` makes
     python3 scripts/cold_start_full.py start --dir /tmp/lw --ranks 1,4
 
 `write` saves a full-size random LingBot-World Fast in the diffusers layout the worker loads
 (robbyant/lingbot-world-fast-diffusers): transformer/ as fp32 safetensors shards of ~5 GB with the official tensor
-names and an index (74.2 GB, as the real repo), vae/ (fp32) and text_encoder/ (the UMT5-XXL encoder, bf16, 11.4
+names and an index (74.2 GB, as the real repo; with --dtype bf16 the 37.1 GB copy `python -m worker convert` writes,
+which fits a one-GPU machine's 64 GB disk), vae/ (fp32) and text_encoder/ (the UMT5-XXL encoder, bf16, 11.4
 GB) through save_pretrained, and the in-code tiny tokenizer (the real one is a few MB: its load time is not what
 this measures). Then `sync`.
 
@@ -23,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-def write(root: Path, preset: str, device: str) -> None:
+def write(root: Path, preset: str, device: str, dtype_name: str) -> None:
     import torch
 
     from tests.checkpoints import MODEL_INDEX, diffusers_transformer_config
@@ -39,7 +41,8 @@ def write(root: Path, preset: str, device: str) -> None:
     (root / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     tdir = root / "transformer"
     tdir.mkdir(exist_ok=True)
-    dit = build_dit(full.dit, device=device, dtype=torch.float32, seed=0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    dit = build_dit(full.dit, device=device, dtype=dtype, seed=0)
     shards = ShardWriter(tdir)
     for name, t in dit.state_dict().items():
         shards.add(name, t)
@@ -48,7 +51,7 @@ def write(root: Path, preset: str, device: str) -> None:
     del dit
     if device == "cuda":
         torch.cuda.empty_cache()
-    print(f"transformer: {total / 1e9:.2f} GB fp32 in {count} shards, {time.perf_counter() - t0:.0f} s so far")
+    print(f"transformer: {total / 1e9:.2f} GB {dtype_name} in {count} shards, {time.perf_counter() - t0:.0f} s so far")
     build_vae(full.vae, torch.float32, "cpu", seed=0).save_pretrained(root / "vae")
     with torch.device(device):  # initialising 5.7 B parameters on the CPU takes minutes
         te = build_text_encoder(full.text_encoder, torch.bfloat16, device, seed=0)
@@ -66,9 +69,11 @@ import time; t0 = time.perf_counter()
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(name)s: %(message)s")
 from worker.parallel.pool import load_generator
+from worker.models.prewarm import graphs_compiled
 t_import = time.perf_counter() - t0
 gen = load_generator(sys.argv[1], sys.argv[3], int(sys.argv[2]))
-print(f"READY imports {t_import:.1f} s, process start to ready {time.perf_counter() - t0:.1f} s", flush=True)
+print(f"READY imports {t_import:.1f} s, process start to ready {time.perf_counter() - t0:.1f} s; "
+      f"graphs traced by the leader {graphs_compiled()}", flush=True)
 getattr(gen, "close", lambda: None)()
 """
 
@@ -97,10 +102,11 @@ ap.add_argument("what", choices=["write", "start"])
 ap.add_argument("--dir", type=Path, default=Path("/tmp/lw"))
 ap.add_argument("--preset", default="lingbot-world-fast", help="write: the model's size (tiny: a quick check)")
 ap.add_argument("--device", default="cuda")
+ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="write: the DiT shards' dtype")
 ap.add_argument("--ranks", default="1", help="start: comma-separated rank counts, one fresh process each")
 a = ap.parse_args()
 if a.what == "write":
-    write(a.dir, a.preset, a.device)
+    write(a.dir, a.preset, a.device, a.dtype)
 else:
     for r in a.ranks.split(","):
         start(a.dir, int(r), a.device)

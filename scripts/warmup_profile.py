@@ -76,14 +76,19 @@ def main() -> None:
 
     gen = load_generator(a.model, a.device, a.ranks, text_encoder=False)
     print(f"loaded at {time.perf_counter() - T0:.1f} s from process start", flush=True)
+    from worker.models.prewarm import graphs_compiled
+
+    traced = graphs_compiled()
     sampler = Sampler()
     sampler.start()
     first = warmup(gen)
+    traced = graphs_compiled() - traced
     sampler.stop.set()
     sampler.join()
     second = warmup(gen)
     dt = sampler.interval
-    print(f"warm-up chunk: {first:.1f} s; a second one: {second:.1f} s; {sampler.samples} samples of the first")
+    print(f"warm-up chunk: {first:.1f} s, {traced} graphs traced in it; a second one: {second:.1f} s; "
+          f"{sampler.samples} samples of the first")
     print("seconds by the innermost library on the stack:")
     for lib, n in sampler.lib_leaf.most_common():
         print(f"  {n * dt:7.2f} s  {lib}")

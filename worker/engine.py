@@ -18,6 +18,7 @@ import torch
 
 from worker.config import PRESETS, ModelPreset
 from worker.models import chunk_graphs
+from worker.models.prewarm import Prewarm
 from worker.models.loading import ModelSource, load_dit, load_text_encoder_for, load_vae_for, resolve_model
 from worker.models.vae import StreamingVAE
 from worker.parallel.sp import SINGLE, SequenceParallel
@@ -151,6 +152,8 @@ class Engine:
         dtype = dtype or torch.bfloat16
         if source.kind == "random":
             log.warning(NOISE_WARNING.format(name=source.preset.name))
+        # Dynamo traces the fused chains a previous process compiled while this one waits on the disk.
+        prewarm = Prewarm(dev, sp.rank, sp.world) if dev.type == "cuda" else None
         with _load_logged("DiT", source, sp):
             dit = load_dit(source, dtype=dtype, device=dev, seed=seed)
         if fp8 if fp8 is not None else os.environ.get("LINGBOT_FP8") == "1":
@@ -168,6 +171,8 @@ class Engine:
             with _load_logged("text encoder", source, sp):
                 enc = load_text_encoder_for(source, dtype if dev.type == "cuda" else torch.float32, dev,
                                             offload_after_encode=offload_text_encoder(dev, sp))
+        if prewarm is not None:
+            prewarm.join()
         engine = cls(source=source, dit=dit, vae=vae, text_encoder=enc, device=dev, sp=sp)
         if sp.is_leader and not text_encoder:
             # Benchmarks skip the 11 GB encoder: a fixed random context with a typical prompt length.

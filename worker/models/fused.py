@@ -16,10 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.models import prewarm
+
 log = logging.getLogger("worker.fused")
 _COMPILE = os.environ.get("LINGBOT_COMPILE", "1") != "0"
 _SINGLE_PASS = os.environ.get("LINGBOT_SINGLE_PASS_ROWS", "1") != "0"
 _GELU_EPILOGUE = os.environ.get("LINGBOT_GELU_EPILOGUE", "1") != "0"
+_COMPILED_DEVICES = {"cuda"}  # elsewhere the chains run eagerly (tests add "cpu" to exercise the compiled path)
 
 
 def fusable(*, tokens: dict[int, int | tuple[int, ...]], single_pass_rows: bool = True) -> Callable[[Callable], Callable]:
@@ -34,11 +37,12 @@ def fusable(*, tokens: dict[int, int | tuple[int, ...]], single_pass_rows: bool 
 
     def wrap(fn: Callable) -> Callable:
         compiled: tuple | None = None
+        name = f"{fn.__module__}.{fn.__qualname__}"
 
         @functools.wraps(fn)
         def run(*args):
             nonlocal compiled
-            if not (_COMPILE and args[0].is_cuda):
+            if not (_COMPILE and args[0].device.type in _COMPILED_DEVICES):
                 return fn(*args)
             if compiled is None:
                 from torch._inductor.virtualized import V
@@ -57,8 +61,12 @@ def fusable(*, tokens: dict[int, int | tuple[int, ...]], single_pass_rows: bool 
                     if dim < args[i].dim():
                         torch._dynamo.maybe_mark_dynamic(args[i], dim)
             try:
+                graphs = prewarm.graphs_compiled()
                 with use_choices():
-                    return fn_compiled(*args)
+                    out = fn_compiled(*args)
+                if prewarm.graphs_compiled() != graphs:  # this call traced a graph: the next process can do it early
+                    prewarm.RECORDER.note(name, args)
+                return out
             except torch._dynamo.exc.BackendCompilerFailed as exc:
                 if torch.cuda.is_current_stream_capturing():
                     # A recompile inside a CUDA graph capture fails for reasons of its own (no host copies there):
@@ -70,6 +78,7 @@ def fusable(*, tokens: dict[int, int | tuple[int, ...]], single_pass_rows: bool 
                 return fn(*args)
 
         run.eager = fn
+        prewarm.REGISTRY[name] = run
         return run
 
     return wrap
