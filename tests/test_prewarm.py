@@ -20,7 +20,7 @@ def dynamo_on_cpu(monkeypatch):
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, fullgraph=True, options=None: real(fn, fullgraph=fullgraph,
                                                                                          backend="eager"))
-    monkeypatch.setattr(fused, "_COMPILED_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(fused, "_COMPILE_ON_CPU", True)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -101,7 +101,7 @@ def test_stale_entries_are_skipped_and_kept_out_of_the_next_manifest(tmp_path, d
     with torch.inference_mode():
         _chain(*args)
     names = [e["fn"] for e in json.loads(path.read_text())["entries"]]
-    assert "worker.models.fused.no_longer_here" not in names and len(names) == 3
+    assert set(names) == {f"{__name__}._chain"}
 
 
 def test_unwritable_arguments_and_unreadable_manifests(tmp_path, dynamo_on_cpu, caplog):
@@ -118,10 +118,109 @@ def test_unwritable_arguments_and_unreadable_manifests(tmp_path, dynamo_on_cpu, 
 def test_manifest_path_is_keyed_and_needs_the_cache_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     cuda = torch.device("cuda", 0)
-    env = {"LINGBOT_COMPILE_CACHE": str(tmp_path)}
+    env = {"LINGBOT_COMPILE_CACHE": str(tmp_path), "LINGBOT_PREWARM": "1"}
     path = prewarm.manifest_path(cuda, 2, 4, env)
     assert path.parent == tmp_path / "prewarm"
     assert path.name.endswith("_NVIDIA-H100-80GB-HBM3_r2of4.json") and torch.__version__.split("+")[0] in path.name
-    assert prewarm.manifest_path(cuda, 0, 1, {}) is None
+    assert prewarm.manifest_path(cuda, 0, 1, {"LINGBOT_PREWARM": "1"}) is None  # no cache folder
+    assert prewarm.manifest_path(cuda, 0, 1, {"LINGBOT_COMPILE_CACHE": str(tmp_path)}) is None  # opt-in
     assert prewarm.manifest_path(cuda, 0, 1, dict(env, LINGBOT_PREWARM="0")) is None
     assert prewarm.manifest_path(torch.device("cpu"), 0, 1, env) is None
+
+
+def test_a_replay_under_other_global_state_is_reported_and_its_miss_logged(tmp_path, dynamo_on_cpu, caplog):
+    """Dynamo guards every graph on process-wide settings; a replay made while one of them differs (here the
+    default dtype, which transformers changes while it builds a model) traces graphs the real call cannot use.
+    The replay says so, and the real call's trace is logged as one the replay should have covered."""
+    path = tmp_path / "manifest.json"
+    prewarm.RECORDER.open(path)
+    args = _args(5)
+    with torch.inference_mode():
+        _chain(*args)
+    _new_process()
+    entries = prewarm.RECORDER.open(path)
+    prewarm.RECORDER.replayed = True
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with caplog.at_level(logging.INFO, logger="worker.prewarm"):
+            assert prewarm.replay(entries, torch.device("cpu")) == (1, 0)
+    finally:
+        torch.set_default_dtype(old)
+    assert "global state differs from the recording (default_dtype recorded" in caplog.text
+    assert len(json.loads(path.read_text())["entries"]) == 1  # what the replay traced is not recorded again
+    args = _args(5)
+    before = prewarm.graphs_compiled()
+    with caplog.at_level(logging.INFO, logger="worker.prewarm"), torch.inference_mode():
+        _chain(*args)
+    assert prewarm.graphs_compiled() == before + 1  # the replayed graph did not match
+    assert "_chain traced a graph after the replay (its entry was replayed: a guard differed)" in caplog.text
+
+
+
+def test_the_replay_waits_while_a_library_load_holds_the_process_state(tmp_path, dynamo_on_cpu):
+    """diffusers and transformers change the default dtype while they build a model (Engine.load runs them under
+    prewarm.exclusive): no entry is replayed meanwhile."""
+    path = tmp_path / "manifest.json"
+    prewarm.RECORDER.open(path)
+    args = _args(4)
+    with torch.inference_mode():
+        _chain(*args)
+    _new_process()
+    with prewarm.exclusive():
+        warm = prewarm.Prewarm(torch.device("cpu"), path=path)
+        warm.thread.join(timeout=0.5)
+        assert warm.thread.is_alive() and warm.result is None
+    warm.join()
+    assert warm.result == (1, 0)
+
+
+def test_a_replay_beside_real_library_loads_leaves_the_process_state_alone(tmp_path, dynamo_on_cpu):
+    """The replay runs while Engine.load loads the VAE (diffusers) and the text encoder (transformers) in bf16,
+    which set the process's default dtype while they build. Under `exclusive` (what Engine.load does) no trace
+    straddles a load: afterwards the default dtype is float32 and every replayed graph serves its real call."""
+    from tests.checkpoints import write_components
+    from worker.models.loading import ModelSource, load_text_encoder_for, load_vae_for
+
+    write_components(tmp_path / "ckpt")
+    source = ModelSource(spec=str(tmp_path / "ckpt"), kind="local", components=tmp_path / "ckpt")
+    path = tmp_path / "manifest.json"
+    prewarm.RECORDER.open(path)
+    # each output dtype and tuple length is its own graph
+    variants = [(dt, (1,) * n) for dt in (torch.bfloat16, torch.float16, torch.float32) for n in (1, 2)]
+    x, w, eps, _, _ = _args(6)
+    with torch.inference_mode():
+        for dt, groups in variants:
+            _chain(x, w, eps, dt, groups)
+    assert len(json.loads(path.read_text())["entries"]) == len(variants)
+    _new_process()
+    warm = prewarm.Prewarm(torch.device("cpu"), path=path)
+    loads = 0
+    while warm.thread.is_alive() or loads == 0:
+        with prewarm.exclusive():
+            load_text_encoder_for(source, torch.bfloat16, "cpu")
+            load_vae_for(source, torch.bfloat16, "cpu")
+        loads += 1
+    warm.join()
+    assert warm.result == (len(variants), 0)
+    assert torch.get_default_dtype() == torch.float32
+    before = prewarm.graphs_compiled()
+    with torch.inference_mode():
+        for dt, groups in variants:
+            _chain(x, w, eps, dt, groups)
+    assert prewarm.graphs_compiled() == before
+
+
+def test_join_puts_back_a_default_dtype_changed_while_loading(tmp_path, dynamo_on_cpu, caplog):
+    path = tmp_path / "manifest.json"
+    prewarm.RECORDER.open(path)
+    args = _args(4)
+    with torch.inference_mode():
+        _chain(*args)
+    _new_process()
+    warm = prewarm.Prewarm(torch.device("cpu"), path=path)
+    torch.set_default_dtype(torch.float64)  # a load outside `exclusive` that never put it back
+    with caplog.at_level(logging.WARNING, logger="worker.prewarm"):
+        warm.join()
+    assert torch.get_default_dtype() == torch.float32
+    assert "default_dtype 6 -> 7" in caplog.text

@@ -19,6 +19,7 @@ import torch
 from worker.config import PRESETS, ModelPreset
 from worker.models import chunk_graphs
 from worker.models.prewarm import Prewarm
+from worker.models.prewarm import exclusive as prewarm_exclusive
 from worker.models.loading import ModelSource, load_dit, load_text_encoder_for, load_vae_for, resolve_model
 from worker.models.vae import StreamingVAE
 from worker.parallel.sp import SINGLE, SequenceParallel
@@ -164,11 +165,11 @@ class Engine:
         # Every rank holds the VAE (0.25 GB in bf16): the leader encodes the image condition, and every rank
         # decodes its band of the frames (sp.decode_split).
         vae_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        with _load_logged("VAE", source, sp):
+        with _load_logged("VAE", source, sp), prewarm_exclusive():  # from_pretrained sets the default dtype
             vae = StreamingVAE(load_vae_for(source, vae_dtype, dev))
         enc = None
         if sp.is_leader and text_encoder:
-            with _load_logged("text encoder", source, sp):
+            with _load_logged("text encoder", source, sp), prewarm_exclusive():
                 enc = load_text_encoder_for(source, dtype if dev.type == "cuda" else torch.float32, dev,
                                             offload_after_encode=offload_text_encoder(dev, sp))
         if prewarm is not None:

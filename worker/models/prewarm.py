@@ -13,6 +13,7 @@ replay missed compiles in the warm-up chunk as before.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,13 @@ from torch import nn
 
 log = logging.getLogger("worker.prewarm")
 
+# diffusers' and transformers' from_pretrained set the process-wide default dtype while they build a model. Dynamo
+# guards every graph on it, and restores the value it found when a trace began once the trace ends: a trace that
+# straddles such a load leaves the whole process on bf16 (seen on the CPU: every later graph traced again, and any
+# tensor made without a dtype would be bf16). Loads of that kind hold this lock (`exclusive`); the replay takes it
+# for each entry.
+_STATE_LOCK = threading.Lock()
+_REPLAYING = threading.local()  # set on the replay's thread: what it traces is not recorded again
 REGISTRY: dict[str, Callable] = {}  # name -> the fused function's wrapper (fused.fusable registers them)
 MAX_ENTRIES = 256  # a manifest is one model's chains at a few shapes: ~40 entries; this only bounds a runaway
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16,
@@ -36,12 +44,17 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloa
 
 
 def enabled(env=os.environ) -> bool:
-    return bool(env.get("LINGBOT_COMPILE_CACHE", "").strip()) and env.get("LINGBOT_PREWARM", "1") != "0"
+    """Opt-in (LINGBOT_PREWARM=1) and only with a kernel cache folder. Off by default: across processes on one
+    H100 the replay made the warm-up trace nothing with random weights and no text encoder, but a start from a
+    real checkpoint with the UMT5 encoder still traced 27 of its 36 graphs after the replay, and the replay's tracing
+    slowed the weight reads it overlapped by ~3 s. The likely cause, a trace straddling a library load (see
+    _STATE_LOCK), is fixed but not yet re-measured on a GPU (docs/PERFORMANCE.md v22d)."""
+    return bool(env.get("LINGBOT_COMPILE_CACHE", "").strip()) and env.get("LINGBOT_PREWARM", "0") == "1"
 
 
 def manifest_path(device: torch.device, rank: int, world: int, env=os.environ) -> Path | None:
     """Where this rank's manifest lives: beside the kernel caches, keyed by what the compiled graphs depend on
-    (torch version, GPU model, rank layout). None without LINGBOT_COMPILE_CACHE."""
+    (torch version, GPU model, rank layout). None unless `enabled`, and off CUDA."""
     if not enabled(env) or device.type != "cuda":
         return None
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-")
@@ -86,12 +99,13 @@ class Recorder:
     def __init__(self) -> None:
         self.path: Path | None = None
         self.entries: dict[str, dict] = {}  # key (its JSON) -> entry
+        self.replayed = False  # this process replayed the manifest (Prewarm)
         self._lock = threading.Lock()
 
     def open(self, path: Path | None) -> list[dict]:
         """Record into `path` from now on; returns the entries already there (for the replay)."""
         with self._lock:
-            self.path, self.entries = path, {}
+            self.path, self.entries, self.replayed = path, {}, False
             if path is None or not path.exists():
                 return []
             try:
@@ -105,15 +119,18 @@ class Recorder:
 
     def note(self, name: str, args: tuple) -> None:
         """`name` compiled a graph for `args`: add them to the manifest if they can be written down."""
-        if self.path is None:
+        if self.path is None or getattr(_REPLAYING, "on", False):  # the replay's graphs are already listed
             return
         specs = [_spec(a) for a in args]
         if any(s is None for s in specs):
             return
         entry = {"fn": name, "args": specs, "inference": torch.is_inference_mode_enabled(),
-                 "grad": torch.is_grad_enabled()}
+                 "grad": torch.is_grad_enabled(), "state": global_state()}
         key = json.dumps(entry, sort_keys=True)
         with self._lock:
+            if self.replayed:  # a graph the replay should have traced: say which, to find out why it did not
+                log.info("prewarm: %s traced a graph after the replay (%s)", name, "new entry" if key not in
+                         self.entries else "its entry was replayed: a guard differed")
             if key in self.entries or len(self.entries) >= MAX_ENTRIES:
                 return
             self.entries[key] = entry
@@ -136,6 +153,18 @@ RECORDER = Recorder()
 _STATS: dict | None = None
 
 
+@contextlib.contextmanager
+def exclusive() -> Iterator[None]:
+    """Hold the replay off while the caller changes process-wide state (a library's model load)."""
+    with _STATE_LOCK:
+        yield
+
+
+def global_state() -> dict:
+    """The process-wide settings Dynamo guards every graph on (default dtype, thread count, TF32, autocast...)."""
+    return json.loads(torch._C._dynamo.guards.GlobalStateGuard().__getstate__())
+
+
 def graphs_compiled() -> int:
     """Dynamo's count of graphs compiled in this process: a fused call that raised it compiled one."""
     global _STATS
@@ -152,7 +181,19 @@ def replay(entries: list[dict], device: torch.device) -> tuple[int, int]:
     its kernel from the cache, as the first real call would. Returns (graphs compiled, entries skipped)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the current device is per thread
-    before, skipped = graphs_compiled(), 0
+    before = graphs_compiled()
+    _REPLAYING.on = True
+    try:
+        skipped = _replay_entries(entries, device)
+    finally:
+        _REPLAYING.on = False
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return graphs_compiled() - before, skipped
+
+
+def _replay_entries(entries: list[dict], device: torch.device) -> int:
+    skipped, warned = 0, False
     for e in entries:
         fn = REGISTRY.get(e.get("fn"))
         if fn is None:
@@ -160,19 +201,25 @@ def replay(entries: list[dict], device: torch.device) -> tuple[int, int]:
             continue
         try:
             args = [_build(s, device) for s in e["args"]]
-            with torch.inference_mode(e.get("inference", True)), torch.set_grad_enabled(e.get("grad", False)):
+            with _STATE_LOCK, torch.inference_mode(e.get("inference", True)), \
+                    torch.set_grad_enabled(e.get("grad", False)):
+                now, recorded = global_state(), e.get("state") or {}
+                differ = sorted(k for k in now if k in recorded and recorded[k] != now[k])
+                if differ and not warned:
+                    log.warning("prewarm: global state differs from the recording (%s): graphs replayed now will "
+                                "not match calls made under the recorded state",
+                                "; ".join(f"{k} recorded {recorded[k]}, now {now[k]}" for k in differ))
+                    warned = True
                 fn(*args)
         except Exception as exc:  # noqa: BLE001 - a stale entry; the real call compiles what it needs
             skipped += 1
             log.debug("prewarm entry %s skipped: %s", e.get("fn"), exc)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return graphs_compiled() - before, skipped
+    return skipped
 
 
 class Prewarm:
     """The replay of this rank's manifest on a thread, started before the weights load; `join` before the
-    first chunk. Recording into the same manifest starts either way (when LINGBOT_COMPILE_CACHE is set)."""
+    first chunk. Recording into the same manifest starts either way (when `enabled`)."""
 
     def __init__(self, device: torch.device, rank: int = 0, world: int = 1, path: Path | None = None) -> None:
         self.thread: threading.Thread | None = None
@@ -180,6 +227,8 @@ class Prewarm:
         entries = RECORDER.open(path or manifest_path(device, rank, world))
         if not entries:
             return
+        RECORDER.replayed = True
+        self.state, self._default_dtype = global_state(), torch.get_default_dtype()
         import worker.models.fused  # noqa: F401 - registers the fused chains by name
 
         def run() -> None:
@@ -200,9 +249,16 @@ class Prewarm:
         self.thread.start()
 
     def join(self) -> None:
-        if self.thread is not None:
-            t = time.perf_counter()
-            self.thread.join()
-            if time.perf_counter() - t > 0.5:
-                log.info("waited %.1f s for the prewarm after the weights loaded", time.perf_counter() - t)
-            self.thread = None
+        if self.thread is None:
+            return
+        t = time.perf_counter()
+        self.thread.join()
+        if time.perf_counter() - t > 0.5:
+            log.info("waited %.1f s for the prewarm after the weights loaded", time.perf_counter() - t)
+        self.thread = None
+        now = global_state()
+        differ = sorted(k for k in now if now[k] != self.state.get(k, now[k]))
+        if differ:  # something changed process state outside `exclusive` while a trace ran
+            log.warning("prewarm: process state changed while loading (%s); the default dtype is put back",
+                        "; ".join(f"{k} {self.state[k]} -> {now[k]}" for k in differ))
+            torch.set_default_dtype(self._default_dtype)
