@@ -219,6 +219,7 @@ def test_join_puts_back_a_default_dtype_changed_while_loading(tmp_path, dynamo_o
         _chain(*args)
     _new_process()
     warm = prewarm.Prewarm(torch.device("cpu"), path=path)
+    warm.thread.join()  # (a trace running across the change below would put float32 back itself)
     torch.set_default_dtype(torch.float64)  # a load outside `exclusive` that never put it back
     with caplog.at_level(logging.WARNING, logger="worker.prewarm"):
         warm.join()
