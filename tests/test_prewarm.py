@@ -44,6 +44,17 @@ def _new_process():
     torch._dynamo.reset()  # what a new process starts from: nothing traced
 
 
+def _recorded_one_call(tmp_path, tokens: int):
+    """A manifest holding one traced call of _chain, as a previous process leaves it; then a 'new process'."""
+    path = tmp_path / "manifest.json"
+    prewarm.RECORDER.open(path)
+    args = _args(tokens)
+    with torch.inference_mode():
+        _chain(*args)
+    _new_process()
+    return path
+
+
 def test_replaying_the_manifest_makes_the_real_call_trace_nothing(tmp_path, dynamo_on_cpu):
     path = tmp_path / "manifest.json"
     prewarm.RECORDER.open(path)
@@ -132,12 +143,7 @@ def test_a_replay_under_other_global_state_is_reported_and_its_miss_logged(tmp_p
     """Dynamo guards every graph on process-wide settings; a replay made while one of them differs (here the
     default dtype, which transformers changes while it builds a model) traces graphs the real call cannot use.
     The replay says so, and the real call's trace is logged as one the replay should have covered."""
-    path = tmp_path / "manifest.json"
-    prewarm.RECORDER.open(path)
-    args = _args(5)
-    with torch.inference_mode():
-        _chain(*args)
-    _new_process()
+    path = _recorded_one_call(tmp_path, tokens=5)
     entries = prewarm.RECORDER.open(path)
     prewarm.RECORDER.replayed = True
     old = torch.get_default_dtype()
@@ -161,12 +167,7 @@ def test_a_replay_under_other_global_state_is_reported_and_its_miss_logged(tmp_p
 def test_the_replay_waits_while_a_library_load_holds_the_process_state(tmp_path, dynamo_on_cpu):
     """diffusers and transformers change the default dtype while they build a model (Engine.load runs them under
     prewarm.exclusive): no entry is replayed meanwhile."""
-    path = tmp_path / "manifest.json"
-    prewarm.RECORDER.open(path)
-    args = _args(4)
-    with torch.inference_mode():
-        _chain(*args)
-    _new_process()
+    path = _recorded_one_call(tmp_path, tokens=4)
     with prewarm.exclusive():
         warm = prewarm.Prewarm(torch.device("cpu"), path=path)
         warm.thread.join(timeout=0.5)
@@ -212,12 +213,7 @@ def test_a_replay_beside_real_library_loads_leaves_the_process_state_alone(tmp_p
 
 
 def test_join_puts_back_a_default_dtype_changed_while_loading(tmp_path, dynamo_on_cpu, caplog):
-    path = tmp_path / "manifest.json"
-    prewarm.RECORDER.open(path)
-    args = _args(4)
-    with torch.inference_mode():
-        _chain(*args)
-    _new_process()
+    path = _recorded_one_call(tmp_path, tokens=4)
     warm = prewarm.Prewarm(torch.device("cpu"), path=path)
     warm.thread.join()  # (a trace running across the change below would put float32 back itself)
     torch.set_default_dtype(torch.float64)  # a load outside `exclusive` that never put it back
