@@ -18,9 +18,9 @@ import torch
 
 from worker.config import PRESETS, ModelPreset
 from worker.models import chunk_graphs
+from worker.models.loading import ModelSource, load_dit, load_text_encoder_for, load_vae_for, resolve_model
 from worker.models.prewarm import Prewarm
 from worker.models.prewarm import exclusive as prewarm_exclusive
-from worker.models.loading import ModelSource, load_dit, load_text_encoder_for, load_vae_for, resolve_model
 from worker.models.vae import StreamingVAE
 from worker.parallel.sp import SINGLE, SequenceParallel
 from worker.parallel.sp import decode_split as sp_decode_split
@@ -153,7 +153,8 @@ class Engine:
         dtype = dtype or torch.bfloat16
         if source.kind == "random":
             log.warning(NOISE_WARNING.format(name=source.preset.name))
-        # Dynamo traces the fused chains a previous process compiled while this one waits on the disk.
+        # Opt-in (LINGBOT_PREWARM=1): Dynamo traces the fused chains a previous process compiled while this one
+        # waits on the disk; a no-op otherwise.
         prewarm = Prewarm(dev, sp.rank, sp.world) if dev.type == "cuda" else None
         with _load_logged("DiT", source, sp):
             dit = load_dit(source, dtype=dtype, device=dev, seed=seed)
