@@ -61,10 +61,11 @@ def fusable(*, tokens: dict[int, int | tuple[int, ...]], single_pass_rows: bool 
                     if dim < args[i].dim():
                         torch._dynamo.maybe_mark_dynamic(args[i], dim)
             try:
-                graphs = prewarm.graphs_compiled()
+                # Only while a prewarm manifest is recorded (LINGBOT_PREWARM=1): nothing added to every call otherwise.
+                graphs = prewarm.graphs_compiled() if prewarm.RECORDER.path is not None else None
                 with use_choices():
                     out = fn_compiled(*args)
-                if prewarm.graphs_compiled() != graphs:  # this call traced a graph: the next process can do it early
+                if graphs is not None and prewarm.graphs_compiled() != graphs:  # this call traced a graph
                     prewarm.RECORDER.note(name, args)
                 return out
             except torch._dynamo.exc.BackendCompilerFailed as exc:

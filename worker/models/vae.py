@@ -32,8 +32,8 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 from worker.config import MASK_CHANNELS, VAE_Z_DIM, pixel_frames_for_chunk
 from worker.models.causal_conv import cached_causal_conv, causal_conv3d
 from worker.models.condition_stream import ConditionStream, encoder_layer_count
-from worker.models.vae_rows import decode_rows
 from worker.models.fused import conv_bias_residual, conv_bias_rms_norm, wan_rms_norm
+from worker.models.vae_rows import decode_rows
 
 # Latent channels of the DiT's condition y: 4 mask channels then the 16-channel image latent.
 CONDITION_CHANNELS = MASK_CHANNELS + VAE_Z_DIM
