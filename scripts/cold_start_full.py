@@ -78,7 +78,7 @@ getattr(gen, "close", lambda: None)()
 """
 
 
-def start(root: Path, ranks: int, device: str) -> None:
+def start(root: Path, ranks: int, device: str, log_to: Path | None = None) -> None:
     subprocess.run(["sync"], check=True)
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -90,8 +90,12 @@ def start(root: Path, ranks: int, device: str) -> None:
                          text=True, env=os.environ)
     wall = time.perf_counter() - t
     lines = [ln for ln in (out.stdout + out.stderr).splitlines()
-             if "READY" in ln or " in " in ln and ("worker." in ln) or "Error" in ln or "rank pool" in ln]
+             if "READY" in ln or " in " in ln and ("worker." in ln) or "Error" in ln or "rank pool" in ln
+             or "worker.prewarm" in ln]
     print(f"--- {ranks} rank(s), {note}: wall {wall:.1f} s (exit {out.returncode})")
+    if log_to is not None:
+        log_to.write_text(out.stdout + out.stderr)
+        print(f"whole log: {log_to}")
     print("\n".join(lines[-40:]))
     if out.returncode:
         print((out.stdout + out.stderr)[-3000:])
@@ -104,9 +108,10 @@ ap.add_argument("--preset", default="lingbot-world-fast", help="write: the model
 ap.add_argument("--device", default="cuda")
 ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="write: the DiT shards' dtype")
 ap.add_argument("--ranks", default="1", help="start: comma-separated rank counts, one fresh process each")
+ap.add_argument("--log", type=Path, help="start: also write each process's whole log to LOG_<ranks>.log")
 a = ap.parse_args()
 if a.what == "write":
     write(a.dir, a.preset, a.device, a.dtype)
 else:
     for r in a.ranks.split(","):
-        start(a.dir, int(r), a.device)
+        start(a.dir, int(r), a.device, a.log and a.log.with_name(f"{a.log.name}_{r}.log"))

@@ -73,12 +73,45 @@ def test_lru_cache() -> None:
     assert all(t.device.type == "cpu" for t in e._cache.values()) and len(e._cache) == 2
 
 
-def test_offload_and_back() -> None:
+def _spans(buf: torch.Tensor, t: torch.Tensor) -> bool:
+    start = buf.data_ptr()
+    return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= start + buf.numel()
+
+
+def test_offloaded_encoder_borrows_its_weights_per_prompt(enc: TextEncoder) -> None:
     e = build_text_encoder(KW, torch.float32, "cpu", seed=0, cache_size=0, offload_after_encode=True)
+    hw = e.host_weights
+    params = dict(e.model.named_parameters(remove_duplicate=False))
+    # One host buffer holds every weight once: the shared embedding is one slot for its two names.
+    assert e.model.shared.weight is e.model.encoder.embed_tokens.weight
+    assert hw.nbytes >= sum(p.numel() * p.element_size() for p in e.model.parameters())
+    assert hw.nbytes < sum(p.numel() * p.element_size() for p in params.values())
+    assert all(_spans(hw.host, p) for p in params.values())
+    seen = []
+
+    def during(module, args):  # inside the forward: every weight is in the lent copy, none in the host buffer
+        seen.append([not _spans(hw.host, p) for p in params.values()])
+
+    hook = e.model.register_forward_pre_hook(during)
     out = e.encode("hello world")
-    assert next(e.model.parameters()).device.type == "cpu"
-    e.offload().to("cpu")
-    assert torch.equal(e.encode("hello world"), out)
+    hook.remove()
+    assert seen and all(seen[0])
+    assert all(_spans(hw.host, p) for p in params.values())  # given back: nothing points at the copy
+    assert torch.equal(out, enc.encode("hello world"))  # the same weights, packed and lent
+    assert torch.equal(e.encode("hello world"), out)  # and again after a lend
+
+
+def test_offloaded_encoder_gives_its_weights_back_on_error() -> None:
+    e = build_text_encoder(KW, torch.float32, "cpu", seed=0, cache_size=0, offload_after_encode=True)
+
+    def fail(module, args):
+        raise RuntimeError("boom")
+
+    hook = e.model.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        e.encode("hello world")
+    hook.remove()
+    assert all(_spans(e.host_weights.host, p) for p in e.model.parameters())
 
 
 def test_load_from_diffusers_layout(tmp_path, enc: TextEncoder) -> None:
@@ -87,5 +120,7 @@ def test_load_from_diffusers_layout(tmp_path, enc: TextEncoder) -> None:
     loaded = load_text_encoder(tmp_path, torch.float32, "cpu")
     p = "a boat on a calm lake"
     assert torch.equal(loaded.encode(p), enc.encode(p))
+    offloaded = load_text_encoder(tmp_path, torch.float32, "cpu", offload_after_encode=True)
+    assert offloaded.offloaded and torch.equal(offloaded.encode(p), enc.encode(p))
     bf = load_text_encoder(tmp_path, torch.bfloat16, "cpu")
     assert bf.encode(p).dtype == torch.bfloat16
