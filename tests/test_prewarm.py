@@ -134,7 +134,8 @@ def test_manifest_path_is_keyed_and_needs_the_cache_folder(tmp_path, monkeypatch
     assert path.parent == tmp_path / "prewarm"
     assert path.name.endswith("_NVIDIA-H100-80GB-HBM3_r2of4.json") and torch.__version__.split("+")[0] in path.name
     assert prewarm.manifest_path(cuda, 0, 1, {"LINGBOT_PREWARM": "1"}) is None  # no cache folder
-    assert prewarm.manifest_path(cuda, 0, 1, {"LINGBOT_COMPILE_CACHE": str(tmp_path)}) is None  # opt-in
+    assert prewarm.manifest_path(cuda, 0, 1, {"LINGBOT_COMPILE_CACHE": str(tmp_path)}) == path.with_name(
+        path.name.replace("r2of4", "r0of1"))  # on by default where there is a cache folder
     assert prewarm.manifest_path(cuda, 0, 1, dict(env, LINGBOT_PREWARM="0")) is None
     assert prewarm.manifest_path(torch.device("cpu"), 0, 1, env) is None
 

@@ -153,8 +153,8 @@ class Engine:
         dtype = dtype or torch.bfloat16
         if source.kind == "random":
             log.warning(NOISE_WARNING.format(name=source.preset.name))
-        # Opt-in (LINGBOT_PREWARM=1): Dynamo traces the fused chains a previous process compiled while this one
-        # waits on the disk; a no-op otherwise.
+        # With a kernel cache folder, Dynamo traces the fused chains a previous process compiled while this one
+        # waits on the disk (prewarm.enabled); a no-op otherwise.
         prewarm = Prewarm(dev, sp.rank, sp.world) if dev.type == "cuda" else None
         with _load_logged("DiT", source, sp):
             dit = load_dit(source, dtype=dtype, device=dev, seed=seed)

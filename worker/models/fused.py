@@ -61,7 +61,7 @@ def fusable(*, tokens: dict[int, int | tuple[int, ...]], single_pass_rows: bool 
                     if dim < args[i].dim():
                         torch._dynamo.maybe_mark_dynamic(args[i], dim)
             try:
-                # Only while a prewarm manifest is recorded (LINGBOT_PREWARM=1): nothing added to every call otherwise.
+                # Only while a prewarm manifest is recorded (prewarm.enabled): nothing added to every call otherwise.
                 graphs = prewarm.graphs_compiled() if prewarm.RECORDER.path is not None else None
                 with use_choices():
                     out = fn_compiled(*args)

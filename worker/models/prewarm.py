@@ -44,12 +44,10 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloa
 
 
 def enabled(env=os.environ) -> bool:
-    """Opt-in (LINGBOT_PREWARM=1) and only with a kernel cache folder. Off by default: across processes on one
-    H100 the replay made the warm-up trace nothing with random weights and no text encoder, but a start from a
-    real checkpoint with the UMT5 encoder still traced 27 of its 36 graphs after the replay, and the replay's tracing
-    slowed the weight reads it overlapped by ~3 s. The likely cause, a trace straddling a library load (see
-    _STATE_LOCK), is fixed but not yet re-measured on a GPU (docs/PERFORMANCE.md v22d)."""
-    return bool(env.get("LINGBOT_COMPILE_CACHE", "").strip()) and env.get("LINGBOT_PREWARM", "0") == "1"
+    """On wherever there is a kernel cache folder (LINGBOT_COMPILE_CACHE); LINGBOT_PREWARM=0 turns it off. On one
+    H100 from a real bf16 checkpoint with the text encoder, the replay left the warm-up chunk nothing to trace:
+    warm-up 7.5-8.3 s against 21-25.5 s, ready 66-74 s against 74-81 s (docs/PERFORMANCE.md v23b)."""
+    return bool(env.get("LINGBOT_COMPILE_CACHE", "").strip()) and env.get("LINGBOT_PREWARM", "1") != "0"
 
 
 def manifest_path(device: torch.device, rank: int, world: int, env=os.environ) -> Path | None:
