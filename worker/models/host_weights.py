@@ -65,9 +65,8 @@ class HostWeights:
         self.nbytes = total
         self.host = torch.empty(total, dtype=torch.uint8)
         for i, (offset, nbytes, _, _) in enumerate(self._slots):
-            src = self._current(i)
-            self.host[offset:offset + nbytes].copy_(src.detach().reshape(-1).view(torch.uint8))
-        self._point_at(self.host)  # the originals (GPU or mmapped) are released here
+            self.host[offset:offset + nbytes].copy_(self._current(i).detach().reshape(-1).view(torch.uint8))
+            self._point_slot_at(i, self.host)  # the original goes as soon as it is copied: no second full copy
         self.page_locked = _page_lock(self.host)
 
     def _current(self, i: int) -> torch.Tensor:
@@ -75,13 +74,17 @@ class HostWeights:
         return (mod._parameters if is_param else mod._buffers)[name]
 
     def _point_at(self, buf: torch.Tensor) -> None:
-        for i, (offset, nbytes, dtype, shape) in enumerate(self._slots):
-            view = buf[offset:offset + nbytes].view(dtype).view(shape)
-            for mod, name, is_param in self._users[i]:
-                if is_param:
-                    mod._parameters[name].data = view
-                else:
-                    mod._buffers[name] = view
+        for i in range(len(self._slots)):
+            self._point_slot_at(i, buf)
+
+    def _point_slot_at(self, i: int, buf: torch.Tensor) -> None:
+        offset, nbytes, dtype, shape = self._slots[i]
+        view = buf[offset:offset + nbytes].view(dtype).view(shape)
+        for mod, name, is_param in self._users[i]:
+            if is_param:
+                mod._parameters[name].data = view
+            else:
+                mod._buffers[name] = view
 
     @property
     def device(self) -> torch.device:
