@@ -29,9 +29,11 @@ t = time.perf_counter()
 gen = load_generator(a.model, a.device, 1)
 engine = getattr(gen, "engine", gen)
 enc = engine.text_encoder
-print(f"ready in {time.perf_counter() - t:.1f} s; text encoder {'in host RAM, lent per prompt' if enc.offloaded else 'on the GPU'}")
+where = "in host RAM, lent per prompt" if enc.offloaded else "on the GPU"
+print(f"ready in {time.perf_counter() - t:.1f} s; text encoder {where}")
 w, h = DEFAULT_SIZE
-prompts = [f"a lighthouse on a cliff in a storm, take {i}" for i in range(a.jobs)] + ["a lighthouse on a cliff in a storm, take 0"]
+prompts = [f"a lighthouse on a cliff in a storm, take {i}" for i in range(a.jobs)]
+prompts.append(prompts[0])  # the prompt cache
 cuda = a.device.startswith("cuda")
 for i, prompt in enumerate(prompts):
     if cuda:

@@ -4,7 +4,7 @@
 
 Full-size UMT5-XXL encoder (5.7 B params, bf16, random weights) on one GPU. `old` is what the worker did before
 worker/models/host_weights.py: the model moved to the GPU for a prompt and `model.to("cpu")` afterwards, each
-time. `new` is `TextEncoder(offload_after_encode=True)`: one page-locked host buffer, uploaded per prompt and
+time. `new` is `TextEncoder(offload=True)`: one page-locked host buffer, uploaded per prompt and
 dropped. Every prompt is new (the prompt cache is off); both sides' embeddings must be identical.
 """
 import argparse
@@ -51,7 +51,7 @@ for p in prompts:
     old.append(out)
     print(f"old: upload {up:.2f} s, encode {enc_s * 1e3:.0f} ms, back to host {down:.2f} s: {up + enc_s + down:.2f} s")
 
-new, t_pack = timed(lambda: TextEncoder(model, tok, device=dev, cache_size=0, offload_after_encode=True))
+new, t_pack = timed(lambda: TextEncoder(model, tok, device=dev, cache_size=0, offload=True))
 print(f"new: packed into one host buffer in {t_pack:.2f} s, page-locked: {new.host_weights.page_locked}")
 for p, ref in zip(prompts, old):
     out, s = timed(lambda: new.encode(p))

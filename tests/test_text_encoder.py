@@ -79,7 +79,7 @@ def _spans(buf: torch.Tensor, t: torch.Tensor) -> bool:
 
 
 def test_offloaded_encoder_borrows_its_weights_per_prompt(enc: TextEncoder) -> None:
-    e = build_text_encoder(KW, torch.float32, "cpu", seed=0, cache_size=0, offload_after_encode=True)
+    e = build_text_encoder(KW, torch.float32, "cpu", seed=0, cache_size=0, offload=True)
     hw = e.host_weights
     params = dict(e.model.named_parameters(remove_duplicate=False))
     # One host buffer holds every weight once: the shared embedding is one slot for its two names.
@@ -102,7 +102,7 @@ def test_offloaded_encoder_borrows_its_weights_per_prompt(enc: TextEncoder) -> N
 
 
 def test_offloaded_encoder_gives_its_weights_back_on_error() -> None:
-    e = build_text_encoder(KW, torch.float32, "cpu", seed=0, cache_size=0, offload_after_encode=True)
+    e = build_text_encoder(KW, torch.float32, "cpu", seed=0, cache_size=0, offload=True)
 
     def fail(module, args):
         raise RuntimeError("boom")
@@ -120,7 +120,7 @@ def test_load_from_diffusers_layout(tmp_path, enc: TextEncoder) -> None:
     loaded = load_text_encoder(tmp_path, torch.float32, "cpu")
     p = "a boat on a calm lake"
     assert torch.equal(loaded.encode(p), enc.encode(p))
-    offloaded = load_text_encoder(tmp_path, torch.float32, "cpu", offload_after_encode=True)
+    offloaded = load_text_encoder(tmp_path, torch.float32, "cpu", offload=True)
     assert offloaded.offloaded and torch.equal(offloaded.encode(p), enc.encode(p))
     bf = load_text_encoder(tmp_path, torch.bfloat16, "cpu")
     assert bf.encode(p).dtype == torch.bfloat16

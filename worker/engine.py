@@ -172,7 +172,7 @@ class Engine:
         if sp.is_leader and text_encoder:
             with _load_logged("text encoder", source, sp), prewarm_exclusive():
                 enc = load_text_encoder_for(source, dtype if dev.type == "cuda" else torch.float32, dev,
-                                            offload_after_encode=offload_text_encoder(dev, sp))
+                                            offload=offload_text_encoder(dev, sp))
         if prewarm is not None:
             prewarm.join()
         engine = cls(source=source, dit=dit, vae=vae, text_encoder=enc, device=dev, sp=sp)

@@ -86,11 +86,6 @@ class HostWeights:
             else:
                 mod._buffers[name] = view
 
-    @property
-    def device(self) -> torch.device:
-        """Where the weights are now: the host, or the device they are lent to."""
-        return self._current(0).device if self._slots else self.host.device
-
     @contextlib.contextmanager
     def lent(self, device: torch.device | str) -> Iterator[float]:
         """The weights on `device` for the body, back on the host copy afterwards (also on an exception); yields

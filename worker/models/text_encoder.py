@@ -44,8 +44,8 @@ def clean_prompt(text: str) -> str:
 class TextEncoder:
     """Prompt -> [n_tokens, d_model] embeddings, with an LRU cache (CPU) of recent prompts.
 
-    With `offload_after_encode` the weights live in host RAM (`HostWeights`) and are lent to `device` for each
-    prompt the cache misses: an upload of 11.4 GB at full size, and nothing copied back.
+    With `offload` the weights live in host RAM (`HostWeights`) and are lent to `device` for each prompt the
+    cache misses: an upload of 11.4 GB at full size, and nothing copied back.
     """
 
     def __init__(
@@ -55,14 +55,14 @@ class TextEncoder:
         device: str | torch.device | None = None,
         text_len: int = TEXT_LEN,
         cache_size: int = 16,
-        offload_after_encode: bool = False,
+        offload: bool = False,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.text_len = text_len
         self.cache_size = cache_size
-        self.host_weights = HostWeights(self.model) if offload_after_encode else None
+        self.host_weights = HostWeights(self.model) if offload else None
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -95,7 +95,7 @@ class TextEncoder:
         with self.host_weights.lent(self.device) as upload_s:
             out = self._forward(ids, mask)
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the 11 GB the copy held go back to the driver, as a full GPU needs them
+            torch.cuda.empty_cache()  # the copy's 11 GB back to the driver, not kept as one cached block
         log.info("prompt encoded with the host-resident encoder in %.2f s (%.2f s of it the %.1f GB upload)",
                  time.perf_counter() - t, upload_s, self.host_weights.nbytes / 1e9)
         return out
@@ -148,6 +148,6 @@ def load_text_encoder(
     folder = Path(folder)
     model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    if not enc_kw.get("offload_after_encode"):  # offloaded, it stays in host RAM: HostWeights packs it there
+    if not enc_kw.get("offload"):  # offloaded, it stays in host RAM, where HostWeights packs it
         model = model.to(device)
     return TextEncoder(model, tok, device=device, **enc_kw)
