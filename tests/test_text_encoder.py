@@ -124,3 +124,32 @@ def test_load_from_diffusers_layout(tmp_path, enc: TextEncoder) -> None:
     assert offloaded.offloaded and torch.equal(offloaded.encode(p), enc.encode(p))
     bf = load_text_encoder(tmp_path, torch.bfloat16, "cpu")
     assert bf.encode(p).dtype == torch.bfloat16
+
+
+def test_build_lock_covers_the_build_not_the_packing(tmp_path, monkeypatch, enc: TextEncoder) -> None:
+    """Engine.load passes prewarm.exclusive() as build_lock: transformers changes the default dtype while it builds
+    the model, so the prewarm's replay must wait then; packing an offloaded encoder into host RAM changes no
+    process state, and the replay goes on meanwhile."""
+    import threading
+
+    from worker.models import text_encoder
+
+    enc.model.save_pretrained(tmp_path / "text_encoder")
+    enc.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    lock = threading.Lock()
+    held = {}
+    build, pack = text_encoder.UMT5EncoderModel.from_pretrained, text_encoder.HostWeights.__init__
+
+    def building(*args, **kwargs):
+        held["build"] = lock.locked()
+        return build(*args, **kwargs)
+
+    def packing(self, module):
+        held["pack"] = lock.locked()
+        pack(self, module)
+
+    monkeypatch.setattr(text_encoder.UMT5EncoderModel, "from_pretrained", building)
+    monkeypatch.setattr(text_encoder.HostWeights, "__init__", packing)
+    loaded = load_text_encoder(tmp_path, torch.float32, "cpu", build_lock=lock, offload=True)
+    assert held == {"build": True, "pack": False} and not lock.locked()
+    assert torch.equal(loaded.encode("a boat"), enc.encode("a boat"))

@@ -170,9 +170,9 @@ class Engine:
             vae = StreamingVAE(load_vae_for(source, vae_dtype, dev))
         enc = None
         if sp.is_leader and text_encoder:
-            with _load_logged("text encoder", source, sp), prewarm_exclusive():
+            with _load_logged("text encoder", source, sp):
                 enc = load_text_encoder_for(source, dtype if dev.type == "cuda" else torch.float32, dev,
-                                            offload=offload_text_encoder(dev, sp))
+                                            build_lock=prewarm_exclusive(), offload=offload_text_encoder(dev, sp))
         if prewarm is not None:
             prewarm.join()
         engine = cls(source=source, dit=dit, vae=vae, text_encoder=enc, device=dev, sp=sp)

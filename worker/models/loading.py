@@ -23,6 +23,8 @@ Layouts (`ModelSource.layout`):
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import re
@@ -365,9 +367,11 @@ def load_vae_for(source: ModelSource, dtype: torch.dtype, device: str | torch.de
     return load_vae(source.components, dtype, device)
 
 
-def load_text_encoder_for(source: ModelSource, dtype: torch.dtype, device: str | torch.device, **enc_kw):
+def load_text_encoder_for(source: ModelSource, dtype: torch.dtype, device: str | torch.device, *,
+                          build_lock: contextlib.AbstractContextManager | None = None, **enc_kw):
+    """The text encoder; `build_lock` is held while the model is built (Engine.load passes prewarm.exclusive())."""
     from worker.models.text_encoder import build_text_encoder, load_text_encoder
 
     if source.kind == "random":
-        return build_text_encoder(source.preset.text_encoder, dtype, device, **enc_kw)
-    return load_text_encoder(source.components, dtype, device, **enc_kw)
+        return build_text_encoder(source.preset.text_encoder, dtype, device, build_lock=build_lock, **enc_kw)
+    return load_text_encoder(source.components, dtype, device, build_lock=build_lock, **enc_kw)

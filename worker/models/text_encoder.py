@@ -7,6 +7,7 @@ truncation, run the encoder with the attention mask, return the hidden states tr
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
 import re
@@ -127,26 +128,31 @@ class TextEncoder:
 
 
 def build_text_encoder(
-    kwargs: dict, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0, **enc_kw
+    kwargs: dict, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0, *,
+    build_lock: contextlib.AbstractContextManager | None = None, **enc_kw
 ) -> TextEncoder:
     """Random-init UMT5 encoder from UMT5Config kwargs (a preset's `text_encoder`) + the in-code tiny tokenizer."""
     from worker.models.tokenizer_tiny import build_tiny_tokenizer
 
     cfg = UMT5Config(**kwargs)
-    with torch.random.fork_rng(devices=[]):
+    with build_lock or contextlib.nullcontext(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = UMT5EncoderModel(cfg)
-    model = model.to(device=device, dtype=dtype)
+        model = model.to(device=device, dtype=dtype)
     tok = build_tiny_tokenizer(cfg.vocab_size, model_max_length=enc_kw.get("text_len", TEXT_LEN))
     return TextEncoder(model, tok, device=device, **enc_kw)
 
 
 def load_text_encoder(
-    folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", **enc_kw
+    folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", *,
+    build_lock: contextlib.AbstractContextManager | None = None, **enc_kw
 ) -> TextEncoder:
-    """Load `folder/text_encoder` + `folder/tokenizer` (diffusers layout), local files only."""
+    """Load `folder/text_encoder` + `folder/tokenizer` (diffusers layout), local files only. `build_lock` is held
+    only while transformers builds the model (it changes the process's default dtype meanwhile), not while an
+    offloaded encoder is packed into host RAM."""
     folder = Path(folder)
-    model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
+    with build_lock or contextlib.nullcontext():
+        model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     if not enc_kw.get("offload"):  # offloaded, it stays in host RAM, where HostWeights packs it
         model = model.to(device)
