@@ -24,7 +24,6 @@ Layouts (`ModelSource.layout`):
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import re
