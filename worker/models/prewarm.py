@@ -46,7 +46,7 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloa
 def enabled(env=os.environ) -> bool:
     """On wherever there is a kernel cache folder (LINGBOT_COMPILE_CACHE); LINGBOT_PREWARM=0 turns it off. On one
     H100 from a real bf16 checkpoint with the text encoder, the replay left the warm-up chunk nothing to trace:
-    warm-up 7.5-8.3 s against 21-25.5 s, ready 66-74 s against 74-81 s (docs/PERFORMANCE.md v23b)."""
+    warm-up 6.4-8.3 s against 21-25.5 s, ready 63-74 s against 74-81 s (docs/PERFORMANCE.md v23b)."""
     return bool(env.get("LINGBOT_COMPILE_CACHE", "").strip()) and env.get("LINGBOT_PREWARM", "1") != "0"
 
 
