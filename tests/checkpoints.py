@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from worker.config import PRESETS, DiTConfig
-from worker.models.loading import INDEX_NAME, OFFICIAL_SUBFOLDER, SINGLE_NAME
+from worker.models.convert import ShardWriter
+from worker.models.loading import OFFICIAL_SUBFOLDER, SINGLE_NAME
 
 TINY = PRESETS["tiny"]
 
@@ -89,32 +90,18 @@ def official_config(cfg: DiTConfig) -> dict:
 
 
 def write_shards(dst: Path, state_dict: dict[str, torch.Tensor], max_shard_bytes: int) -> list[Path]:
-    """fp32 safetensors shards in state-dict order + index json (a single file without index if it all fits)."""
+    """fp32 safetensors shards in state-dict order + index json, by the converter's ShardWriter (a single file
+    without index if it all fits)."""
     dst.mkdir(parents=True, exist_ok=True)
-    groups: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state_dict.items():
-        t = t.detach().to("cpu", torch.float32).contiguous().clone()
-        nbytes = t.numel() * t.element_size()
-        if groups[-1] and size + nbytes > max_shard_bytes:
-            groups.append({})
-            size = 0
-        groups[-1][name] = t
-        size += nbytes
-    if len(groups) == 1:
-        save_file(groups[0], str(dst / SINGLE_NAME), metadata={"format": "pt"})
+    fp32 = {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in state_dict.items()}
+    if len(fp32) <= 1 or sum(t.numel() * t.element_size() for t in fp32.values()) <= max_shard_bytes:
+        save_file(fp32, str(dst / SINGLE_NAME), metadata={"format": "pt"})
         return [dst / SINGLE_NAME]
-    n = len(groups)
-    files, weight_map, total = [], {}, 0
-    for i, g in enumerate(groups, 1):
-        fname = f"diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors"
-        save_file(g, str(dst / fname), metadata={"format": "pt"})
-        files.append(dst / fname)
-        for k, t in g.items():
-            weight_map[k] = fname
-            total += t.numel() * t.element_size()
-    (dst / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return files
+    shards = ShardWriter(dst, max_shard_bytes)
+    for name, t in fp32.items():
+        shards.add(name, t)
+    shards.close()
+    return sorted(dst.glob("diffusion_pytorch_model-*-of-*.safetensors"))
 
 
 def write_components(dst: Path, seed: int = 0) -> None:

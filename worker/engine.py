@@ -155,7 +155,7 @@ class Engine:
             log.warning(NOISE_WARNING.format(name=source.preset.name))
         # With a kernel cache folder, Dynamo traces the fused chains a previous process compiled while this one
         # waits on the disk (prewarm.enabled); a no-op otherwise.
-        prewarm = Prewarm(dev, sp.rank, sp.world) if dev.type == "cuda" else None
+        prewarm = Prewarm(dev, sp.rank, sp.world)
         with _load_logged("DiT", source, sp):
             dit = load_dit(source, dtype=dtype, device=dev, seed=seed)
         if fp8 if fp8 is not None else os.environ.get("LINGBOT_FP8") == "1":
@@ -173,8 +173,7 @@ class Engine:
             with _load_logged("text encoder", source, sp):
                 enc = load_text_encoder_for(source, dtype if dev.type == "cuda" else torch.float32, dev,
                                             build_lock=prewarm_exclusive(), offload=offload_text_encoder(dev, sp))
-        if prewarm is not None:
-            prewarm.join()
+        prewarm.join()
         engine = cls(source=source, dit=dit, vae=vae, text_encoder=enc, device=dev, sp=sp)
         if sp.is_leader and not text_encoder:
             # Benchmarks skip the 11 GB encoder: a fixed random context with a typical prompt length.

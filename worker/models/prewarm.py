@@ -148,9 +148,6 @@ class Recorder:
 RECORDER = Recorder()
 
 
-_STATS: dict | None = None
-
-
 @contextlib.contextmanager
 def exclusive() -> Iterator[None]:
     """Hold the replay off while the caller changes process-wide state (a library's model load)."""
@@ -161,6 +158,14 @@ def exclusive() -> Iterator[None]:
 def global_state() -> dict:
     """The process-wide settings Dynamo guards every graph on (default dtype, thread count, TF32, autocast...)."""
     return json.loads(torch._C._dynamo.guards.GlobalStateGuard().__getstate__())
+
+
+def _differing(before: dict, now: dict) -> list[str]:
+    """The keys two `global_state()` snapshots both hold and disagree on."""
+    return sorted(k for k in now if k in before and before[k] != now[k])
+
+
+_STATS: dict | None = None
 
 
 def graphs_compiled() -> int:
@@ -202,7 +207,7 @@ def _replay_entries(entries: list[dict], device: torch.device) -> int:
             with _STATE_LOCK, torch.inference_mode(e.get("inference", True)), \
                     torch.set_grad_enabled(e.get("grad", False)):
                 now, recorded = global_state(), e.get("state") or {}
-                differ = sorted(k for k in now if k in recorded and recorded[k] != now[k])
+                differ = _differing(recorded, now)
                 if differ and not warned:
                     log.warning("prewarm: global state differs from the recording (%s): graphs replayed now will "
                                 "not match calls made under the recorded state",
@@ -255,7 +260,7 @@ class Prewarm:
             log.info("waited %.1f s for the prewarm after the weights loaded", time.perf_counter() - t)
         self.thread = None
         now = global_state()
-        differ = sorted(k for k in now if now[k] != self.state.get(k, now[k]))
+        differ = _differing(self.state, now)
         if differ:  # something changed process state outside `exclusive` while a trace ran
             log.warning("prewarm: process state changed while loading (%s); the default dtype is put back",
                         "; ".join(f"{k} {self.state[k]} -> {now[k]}" for k in differ))
