@@ -39,6 +39,10 @@ def test_bench_reports_every_figure(tiny_engine, tmp_path) -> None:
     # MFU = counted FLOPs / DiT time / measured matmul peak
     flops = dit_chunk_flops(PRESETS["tiny"].dit, 6, 8, 9)["total"]
     assert res["mfu"] == pytest.approx(flops / (res["median"]["dit_ms"] / 1e3) / (res["matmul_peak_tflops"] * 1e12))
+    # The last chunk skips the cache refresh: fewer FLOPs, and its DiT time stays out of the steady median.
+    assert rows[-1]["dit_tflop"] * 1e12 == pytest.approx(
+        dit_chunk_flops(PRESETS["tiny"].dit, 6, 8, 9, refresh=False)["total"]) and rows[-1]["dit_tflop"] < rows[-2]["dit_tflop"]
+    assert res["median"]["dit_ms"] == pytest.approx(sorted(r["dit_ms"] for r in rows[2:-1])[4])
     # The condition encoder reaches its fixed point within the rollout and stays there.
     cached = [r["condition_cached"] for r in rows]
     first = cached.index(True)

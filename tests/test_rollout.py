@@ -108,3 +108,23 @@ def test_a_cancelled_job_ends_after_its_queued_chunks(tiny_engine, monkeypatch) 
     assert next(it).index == 0
     it.close()
     assert "rollout-dit" in synced
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_the_last_chunk_skips_the_cache_refresh(tiny_engine, monkeypatch, chunks: int) -> None:
+    """Every chunk but the last writes its clean K/V (the refresh forward); the last one's would serve no chunk."""
+    forwards: list[tuple[int, bool]] = []
+    real_forward = tiny_engine.dit.forward
+
+    def forward(x, y, t, text_kv, ctx, *args, cache_only=False, **kwargs):
+        forwards.append((ctx.start_frame // 3, cache_only))
+        return real_forward(x, y, t, text_kv, ctx, *args, cache_only=cache_only, **kwargs)
+
+    monkeypatch.setattr(tiny_engine.dit, "forward", forward)
+    job = _job()
+    job.num_chunks = chunks
+    job.camera_actions = [["w"]] * (3 * chunks)
+    assert [c.index for c in tiny_engine.rollout(job)] == list(range(chunks))
+    refreshes = [c for c, cache_only in forwards if cache_only]
+    assert refreshes == list(range(chunks - 1)), forwards
+    assert len(forwards) == 4 * chunks + chunks - 1

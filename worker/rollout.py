@@ -8,6 +8,7 @@ Official Fast semantics (reference/fast_rollout.md section 4), per chunk c:
         x0 = x - sigma_first(t) * v                          (float64 math)
         x  = (1 - s') x0 + s' eps   with s' = sigma_second(t_next), eps from the same generator (not after the last)
     dit(x0, y[c], t=0)                                       refresh: the cache now holds the CLEAN chunk's K/V
+                                                             (not after the job's last chunk: nothing reads it)
     frames = vae.decode_chunk(x0)                            9 frames for chunk 0, then 12
 
 Every rank runs this loop in lockstep on identical latents (same seed, same device type); only the leader
@@ -279,13 +280,17 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                     s = sched.renoise_sigmas[i]
                     eps = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
                     x = (1 - s) * x0 + s * eps
+            more = c + 1 < job.num_chunks
+            # The refresh only serves later chunks: the job's last one skips it (a fifth of its DiT time).
             if replay is not None:
-                replay.refresh(x0)
+                if more:
+                    replay.refresh(x0)
             else:
-                dit(x0, y, 0, text_kv, ctx, sp, cache_only=True, time_emb=time_emb[0])
+                if more:
+                    dit(x0, y, 0, text_kv, ctx, sp, cache_only=True, time_emb=time_emb[0])
                 if graphs is not None:
                     graphs.after_eager_chunk(dit, sp, text_kv, ctx, x0, y, time_emb[sched.timesteps[0]],
-                                             time_emb[0], more_chunks=c + 1 < job.num_chunks)
+                                             time_emb[0], more_chunks=more)
             del ctx
             at_boundary = True
             last_done = c
