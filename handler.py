@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import logging
 
-from worker.service import serve_from_env
+from worker.parallel import early
+
+# With LINGBOT_NUM_GPUS > 1 the follower ranks start now and import the worker beside this process, not after it.
+early.start()
+
+from worker.service import serve_from_env  # noqa: E402 - after the ranks are on their way
 
 log = logging.getLogger("handler")
 

@@ -120,6 +120,9 @@ def _commit_compile_cache() -> None:
 class Worker:
     @modal.enter()
     def load(self) -> None:
+        from worker.parallel import early
+
+        early.start()  # the follower ranks import the worker beside this process (LINGBOT_NUM_GPUS > 1)
         from worker.service import serve_from_env
 
         self.runner = serve_from_env()

@@ -68,6 +68,9 @@ CHILD = """
 import time; t0 = time.perf_counter()
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(name)s: %(message)s")
+if sys.argv[4] == "on":  # as handler.py does: the follower ranks import beside this process
+    from worker.parallel import early
+    early.start(int(sys.argv[2]))
 from worker.parallel.pool import load_generator
 from worker.models.prewarm import graphs_compiled
 t_import = time.perf_counter() - t0
@@ -78,7 +81,7 @@ getattr(gen, "close", lambda: None)()
 """
 
 
-def start(root: Path, ranks: int, device: str, log_to: Path | None = None) -> None:
+def start(root: Path, ranks: int, device: str, log_to: Path | None = None, early: str = "on") -> None:
     subprocess.run(["sync"], check=True)
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -86,13 +89,13 @@ def start(root: Path, ranks: int, device: str, log_to: Path | None = None) -> No
     except OSError:
         note = "page cache NOT dropped: reads may come from RAM"
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, str(root), str(ranks), device], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, str(root), str(ranks), device, early], capture_output=True,
                          text=True, env=os.environ)
     wall = time.perf_counter() - t
     lines = [ln for ln in (out.stdout + out.stderr).splitlines()
              if "READY" in ln or " in " in ln and ("worker." in ln) or "Error" in ln or "rank pool" in ln
              or "worker.prewarm" in ln]
-    print(f"--- {ranks} rank(s), {note}: wall {wall:.1f} s (exit {out.returncode})")
+    print(f"--- {ranks} rank(s), early followers {early}, {note}: wall {wall:.1f} s (exit {out.returncode})")
     if log_to is not None:
         log_to.write_text(out.stdout + out.stderr)
         print(f"whole log: {log_to}")
@@ -108,10 +111,14 @@ ap.add_argument("--preset", default="lingbot-world-fast", help="write: the model
 ap.add_argument("--device", default="cuda")
 ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="write: the DiT shards' dtype")
 ap.add_argument("--ranks", default="1", help="start: comma-separated rank counts, one fresh process each")
-ap.add_argument("--log", type=Path, help="start: also write each process's whole log to LOG_<ranks>.log")
+ap.add_argument("--log", type=Path, help="start: also write each process's whole log to LOG_<ranks>[_<early>].log")
+ap.add_argument("--early", default="on", help="start: follower ranks spawned before the imports (worker/parallel/early.py, "
+                "as handler.py does), `off` (spawned by RankPool.start after them), or a comma-separated list of both")
 a = ap.parse_args()
 if a.what == "write":
     write(a.dir, a.preset, a.device, a.dtype)
 else:
     for r in a.ranks.split(","):
-        start(a.dir, int(r), a.device, a.log and a.log.with_name(f"{a.log.name}_{r}.log"))
+        for e in a.early.split(","):
+            tag = f"_{e}" if "," in a.early else ""
+            start(a.dir, int(r), a.device, a.log and a.log.with_name(f"{a.log.name}_{r}{tag}.log"), early=e)

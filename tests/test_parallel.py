@@ -304,3 +304,52 @@ def test_bad_decode_cost_names_the_setting(monkeypatch):
     monkeypatch.setenv("LINGBOT_SP_DECODE_COST", "1.5")
     with pytest.raises(ValueError, match=r"LINGBOT_SP_DECODE_COST: '1.5' is not a number in \[0, 1\)"):
         RankPool.start("tiny", ranks=2, device="cpu")
+
+
+@pytest.fixture
+def no_early_followers(monkeypatch):
+    """Each test starts with no early followers and leaves none behind."""
+    from worker.parallel import early
+
+    monkeypatch.setattr(early, "_followers", None)
+    yield early
+    if early._followers:
+        early.stop(early._followers)
+
+
+def test_followers_started_early_serve_the_pool(no_early_followers, monkeypatch):
+    """Ranks spawned at process start (early.start, before the entry point's heavy imports) become the pool's
+    followers, and get the leader's environment as it is when the pool starts: LINGBOT_FP8, set after the spawn,
+    reaches the follower's load (without it, its plain linears would not give the 1-rank FP8 latents)."""
+    early = no_early_followers
+    early.start(2)
+    spawned = [p.pid for p, _ in early._followers]
+    assert len(spawned) == 1
+    monkeypatch.setenv("LINGBOT_FP8", "1")
+    job = _job(chunks=2)
+    ref = _latents(Engine.load("tiny", device="cpu", dtype=torch.float32), job)
+    pool = RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60)
+    try:
+        assert [p.pid for p in pool.procs] == spawned and early._followers is None
+        torch.testing.assert_close(_latents(pool, job), ref, rtol=1e-4, atol=1e-4)
+    finally:
+        pool.close()
+
+
+def test_early_followers_that_do_not_fit_are_stopped(no_early_followers):
+    """Started for 3 ranks, asked for 2: the early ones are stopped and the pool spawns its own. One rank starts
+    nothing."""
+    early = no_early_followers
+    early.start(1)
+    assert early._followers is None
+    early.start(3)
+    started = [p for p, _ in early._followers]
+    pool = RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60)
+    try:
+        assert pool.procs[0].pid not in [p.pid for p in started]
+        for p in started:
+            p.join(timeout=10)
+            assert not p.is_alive()
+        assert len(_latents(pool, _job(chunks=1))) == 16
+    finally:
+        pool.close()

@@ -121,6 +121,9 @@ def _request_from_args(a: argparse.Namespace) -> dict:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
+    from worker.parallel import early
+
+    early.start(a.ranks)  # with 2+ ranks: the followers import the worker beside this process
     from worker.parallel.pool import load_generator
     from worker.service import JobRunner
 

@@ -29,13 +29,13 @@ from worker.config import CHUNK_LATENT_FRAMES, DEFAULT_KV_SINK, DEFAULT_KV_WINDO
 from worker.engine import Engine, default_device
 from worker.models import chunk_graphs
 from worker.models.attention import backend_setting as attention_backend_setting
+from worker.parallel import early
+from worker.parallel.early import MULTICAST_OFF
 from worker.parallel.sp import SequenceParallel, decode_split, default_decode_cost, leader_share_for
 from worker.rollout import ChunkOutput, RolloutJob
 
 log = logging.getLogger("worker.pool")
 
-# NVLink SHARP / multicast stays off everywhere (the lent machines and many clouds do not support it).
-MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 class RankFailure(RuntimeError):
@@ -188,16 +188,27 @@ class RankPool:
         if device.startswith("cuda") and torch.cuda.device_count() < ranks:
             raise ValueError(f"ranks: {ranks} GPUs asked for, {torch.cuda.device_count()} visible")
         port = _free_port()
-        ctx = mp.get_context("spawn")
+
+        def args(rank: int) -> tuple:
+            return (rank, ranks, port, model, device, dtype, timeout_s, text_encoder, (share, head_share),
+                    logging.getLogger().getEffectiveLevel())
+
         procs, conns = [], []
-        for rank in range(1, ranks):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_follower_main, name=f"lingbot-rank{rank}", daemon=True,
-                            args=(rank, ranks, port, model, device, dtype, timeout_s, text_encoder, (share, head_share),
-                                  logging.getLogger().getEffectiveLevel(), child))
-            p.start()
-            procs.append(p)
-            conns.append(parent)
+        started = early.take(ranks)  # spawned at process start (early.start): their imports are done or under way
+        if started is not None:
+            for rank, (p, conn) in enumerate(started, start=1):
+                conn.send((args(rank), dict(os.environ)))
+                procs.append(p)
+                conns.append(conn)
+        else:
+            ctx = mp.get_context("spawn")
+            for rank in range(1, ranks):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=_follower_main, name=f"lingbot-rank{rank}", daemon=True,
+                                args=(*args(rank), child))
+                p.start()
+                procs.append(p)
+                conns.append(parent)
         try:
             control = _init_group(0, ranks, port, device, timeout_s)
             if device.startswith("cuda"):  # on the CPU this process's pool is the tests' too: left alone
