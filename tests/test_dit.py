@@ -148,40 +148,6 @@ def test_packed_norm_rope_is_the_exchange_send_layout():
     assert not torch.equal(rms_norm_rope_packed(x, w, 1e-6, cos, sin, (2, 2)), want)
 
 
-def test_output_projection_starts_on_the_ranks_own_head_group():
-    """The o projection over head groups as they arrive: split-K GEMMs equal the plain linear, and the GEMM of
-    the rank's own group (no exchange needed) is issued before the wait for the others, so it overlaps them."""
-    from worker.models.dit import _linear_from_head_groups
-
-    torch.manual_seed(0)
-    heads, d = (2, 3, 3), 4
-    linear = torch.nn.Linear(sum(heads) * d, 16)
-    x = torch.randn(1, 5, sum(heads), d)
-    parts = list(x.split(heads, dim=-2))
-    want = linear(x.flatten(-2))
-    for rank in range(len(heads)):
-        events: list[str] = []
-        real_addmm = torch.addmm
-
-        def addmm(*args, **kwargs):
-            events.append("gemm")
-            return real_addmm(*args, **kwargs)
-
-        def others() -> list[torch.Tensor]:
-            events.append("wait")
-            return parts
-
-        torch.addmm = addmm
-        try:
-            got = _linear_from_head_groups(linear, heads, rank, parts[rank], others, d)
-        finally:
-            torch.addmm = real_addmm
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert events == ["gemm", "wait"], events
-    # one rank: the plain linear, bit for bit
-    assert torch.equal(_linear_from_head_groups(linear, (8,), 0, x, lambda: [x], d), want)
-
-
 def test_window_smaller_than_chunk_is_refused():
     with pytest.raises(ValueError, match="kv_window"):
         KVCache(num_layers=1, frame_tokens=1, total_frames=9, sink=0, window=2, heads=1, head_dim=2,

@@ -102,12 +102,9 @@ def _a2a_worker(rank: int, world: int, port: int) -> None:
         assert torch.equal(heads, full[:, :, :, mine])  # all tokens, this rank's heads
         q = seq_to_heads(shard[0])  # batch of one: received in place, no reassembly
         assert torch.equal(q, full[0, :, :, mine])
-        parts = sp.heads_to_seq_async(q, h)[1]()  # one block per rank's head group, in head order
+        assert torch.equal(torch.cat(sp.heads_to_seq_parts(q, h), -2), shard[0])
+        parts = sp.heads_to_seq_parts(q, h)  # one block per rank's head group, in head order
         assert tuple(p.shape[-2] for p in parts) == sp.split_heads(h) and torch.equal(torch.cat(parts, -2), shard[0])
-        own, wait = sp.heads_to_seq_async(q, h)  # started: this rank's own head group is at hand before the wait
-        assert torch.equal(own, shard[0][..., mine, :]) and own.data_ptr() == q[:, consecutive_slices(
-            sp.split_tokens(s))[rank]].data_ptr()
-        assert all(torch.equal(a, b) for a, b in zip(wait(), parts))
         assert torch.equal(sp.gather(shard[0], s), full[0])
         # Received in place: the exchange writes into the caller's buffer (a K/V cache slot) and returns it.
         slot = torch.full((1, s, sp.local_heads(h), 3), -1.0)

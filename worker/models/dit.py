@@ -21,7 +21,6 @@ With sequence parallelism every rank runs the blocks on its share of the tokens 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -156,8 +155,7 @@ class SelfAttention(Attention):
         if cache_only:
             return None
         out = attention(q, k, v, ctx.attn_mask)
-        own, others = sp.heads_to_seq_async(out, self.num_heads)
-        return _linear_from_head_groups(self.o, sp.split_heads(self.num_heads), sp.rank, own, others, self.head_dim)
+        return _linear_from_head_groups(self.o, sp.heads_to_seq_parts(out, self.num_heads), self.head_dim)
 
 
 def _linear_head_groups(linear: nn.Module, x: torch.Tensor, sp: SequenceParallel, head_dim: int) -> torch.Tensor:
@@ -178,22 +176,21 @@ def _linear_head_groups(linear: nn.Module, x: torch.Tensor, sp: SequenceParallel
     return send
 
 
-def _linear_from_head_groups(linear: nn.Module, heads: Sequence[int], rank: int, own: torch.Tensor,
-                             others: Callable[[], list[torch.Tensor]], head_dim: int) -> torch.Tensor:
-    """linear(concat of the head groups [B, s, heads[j], D]) as split-K GEMMs over the groups as they arrive from
-    the exchange, accumulating in place: no copy back into one [B, s, H, D] tensor. This rank's own group (`own`,
-    group `rank`) needs no exchange, so its GEMM runs while the others travel; others() waits for them and gives
-    every group in head order."""
-    if len(heads) == 1:  # one rank
-        return linear(own.flatten(-2))
+def _linear_from_head_groups(linear: nn.Module, parts: list[torch.Tensor], head_dim: int) -> torch.Tensor:
+    """linear(concat of the head groups [B, s, h_j, D]) as split-K GEMMs over the groups as they arrived from the
+    exchange, accumulating in place: no copy back into one [B, s, H, D] tensor."""
+    if len(parts) == 1:  # one rank
+        return linear(parts[0].flatten(-2))
     if not isinstance(linear, nn.Linear):  # FP8 linears
-        return linear(torch.cat(others(), dim=-2).flatten(-2))
-    *lead, s, _, _ = own.shape
-    cols = consecutive_slices([h * head_dim for h in heads])
-    y = torch.addmm(linear.bias, own.reshape(-1, own.shape[-2] * head_dim), linear.weight[:, cols[rank]].t())
-    for j, part in enumerate(others()):
-        if j != rank:
-            y.addmm_(part.reshape(-1, part.shape[-2] * head_dim), linear.weight[:, cols[j]].t())
+        return linear(torch.cat(parts, dim=-2).flatten(-2))
+    *lead, s, _, _ = parts[0].shape
+    y, col = None, 0
+    for part in parts:
+        width = part.shape[-2] * head_dim
+        w = linear.weight[:, col : col + width].t()
+        part = part.reshape(-1, width)
+        y = torch.addmm(linear.bias, part, w) if y is None else y.addmm_(part, w)
+        col += width
     return y.view(*lead, s, -1)
 
 

@@ -186,34 +186,22 @@ class SequenceParallel:
 
         return finish
 
-    def heads_to_seq_async(self, x: torch.Tensor, num_heads: int
-                           ) -> tuple[torch.Tensor, Callable[[], list[torch.Tensor]]]:
+    def heads_to_seq_parts(self, x: torch.Tensor, num_heads: int) -> list[torch.Tensor]:
         """[..., S, h, D] (all tokens, this rank's heads) -> this rank's tokens with every rank's head group, one
-        [..., s, heads[j], D] tensor per rank j in head order, as (own, wait): wait() gives the parts once the
-        exchange is done, and `own`, this rank's tokens with its own heads, is at hand before it (a slice of x),
-        so the caller can work on it while the others travel. A caller that multiplies by a weight next can use
+        [..., s, heads[j], D] tensor per rank j in head order. A caller that multiplies by a weight next can use
         the parts as they are (split-K) instead of copying them into one [..., s, H, D] tensor."""
         if not self.enabled:
-            return x, lambda: [x]
+            return [x]
         *lead, total, mine, d = x.shape
         b = math.prod(lead)
         tokens, heads = self.split_tokens(total), self.split_heads(num_heads)
         s = tokens[self.rank]
-        own = x[..., consecutive_slices(tokens)[self.rank], :, :]
         # Token-major, so rank j's tokens are one contiguous block (a view when the batch is 1).
         send = x.movedim(-3, 0).contiguous().view(-1)
         recv = x.new_empty(s * b * num_heads * d)
         recv_sizes = [s * b * hj * d for hj in heads]
-        work = dist.all_to_all_single(recv, send, recv_sizes, [tj * b * mine * d for tj in tokens], group=self.group,
-                                      async_op=True)
-
-        def wait() -> list[torch.Tensor]:
-            work.wait()
-            parts = [part.view(s, *lead, hj, d).movedim(0, -3) for part, hj in zip(recv.split(recv_sizes), heads)]
-            parts[self.rank] = own  # the same values; the slice of x needs no wait
-            return parts
-
-        return own, wait
+        dist.all_to_all_single(recv, send, recv_sizes, [tj * b * mine * d for tj in tokens], group=self.group)
+        return [part.view(s, *lead, hj, d).movedim(0, -3) for part, hj in zip(recv.split(recv_sizes), heads)]
 
     def agree(self, value: int) -> int:
         """The leader's `value` on every rank, host to host: the caller's GPU keeps the work already queued, and the
