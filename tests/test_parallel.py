@@ -350,3 +350,25 @@ def test_early_followers_that_do_not_fit_are_stopped(no_early_followers):
         assert len(_latents(pool, _job(chunks=1))) == 16
     finally:
         pool.close()
+
+
+def test_an_early_follower_that_died_is_replaced_or_reported(no_early_followers, monkeypatch):
+    """A follower that died before the pool started: found dead when the pool takes them, fresh ranks are spawned;
+    dying after that look, the pool's start fails with the rank named instead of a broken pipe."""
+    early = no_early_followers
+    early.start(2)
+    dead, _ = early._followers[0]
+    dead.kill()
+    dead.join(timeout=10)
+    pool = RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60)
+    try:
+        assert pool.procs[0].pid != dead.pid and pool.healthy
+    finally:
+        pool.close()
+    early.start(2)
+    followers = early._followers
+    followers[0][0].kill()
+    followers[0][0].join(timeout=10)
+    monkeypatch.setattr(early, "take", lambda ranks: followers)  # as if it died just after take() looked
+    with pytest.raises(RankFailure, match="rank 1 exited"):
+        RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60)

@@ -281,16 +281,14 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                     eps = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
                     x = (1 - s) * x0 + s * eps
             more = c + 1 < job.num_chunks
-            # The refresh only serves later chunks: the job's last one skips it (a fifth of its DiT time).
-            if replay is not None:
-                if more:
+            if more:  # the refresh only serves later chunks: the job's last one skips it (a fifth of its DiT)
+                if replay is not None:
                     replay.refresh(x0)
-            else:
-                if more:
+                else:
                     dit(x0, y, 0, text_kv, ctx, sp, cache_only=True, time_emb=time_emb[0])
-                if graphs is not None:
-                    graphs.after_eager_chunk(dit, sp, text_kv, ctx, x0, y, time_emb[sched.timesteps[0]],
-                                             time_emb[0], more_chunks=more)
+            if replay is None and graphs is not None:
+                graphs.after_eager_chunk(dit, sp, text_kv, ctx, x0, y, time_emb[sched.timesteps[0]], time_emb[0],
+                                         more_chunks=more)
             del ctx
             at_boundary = True
             last_done = c

@@ -64,6 +64,7 @@ def take(ranks: int) -> list | None:
 
 
 def stop(followers: list) -> None:
+    """Kill followers that will not be used (they wait on their pipes otherwise, until this process exits)."""
     for p, conn in followers:
         if p.is_alive():
             p.kill()

@@ -37,7 +37,6 @@ from worker.rollout import ChunkOutput, RolloutJob
 log = logging.getLogger("worker.pool")
 
 
-
 class RankFailure(RuntimeError):
     """A rank died, hung or fell out of step: the job failed and the worker must be replaced."""
 
@@ -197,9 +196,13 @@ class RankPool:
         started = early.take(ranks)  # spawned at process start (early.start): their imports are done or under way
         if started is not None:
             for rank, (p, conn) in enumerate(started, start=1):
-                conn.send((args(rank), dict(os.environ)))
                 procs.append(p)
                 conns.append(conn)
+                try:
+                    conn.send((args(rank), dict(os.environ)))
+                except OSError:  # it died since take() looked
+                    early.stop(started)
+                    raise RankFailure(f"rank {rank} exited (code {p.exitcode}) before the pool started") from None
         else:
             ctx = mp.get_context("spawn")
             for rank in range(1, ranks):
