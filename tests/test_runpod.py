@@ -255,3 +255,33 @@ def test_rank_processes_do_not_reload_the_model(handler, monkeypatch):
     monkeypatch.setattr(cli, "load_generator", boom)
     ns = runpy.run_path(str(ROOT / "handler.py"), run_name="__mp_main__")
     assert ns["RUNNER"] is None
+
+
+def test_handler_spawns_the_other_ranks_before_it_imports_the_worker(tmp_path):
+    """With LINGBOT_NUM_GPUS=2 the container's `python handler.py` spawns rank 1 before torch is imported, so the
+    rank's imports run beside the entry point's (docs/PERFORMANCE.md v24d), and that rank serves the pool."""
+    script = tmp_path / "entry.py"
+    script.write_text(
+        "import multiprocessing.context as ctx, sys\n"
+        "spawned = []\n"
+        "real = ctx.SpawnProcess._Popen\n"
+        "def popen(process):\n"
+        "    spawned.append(('torch' in sys.modules, process.name))\n"
+        "    return real(process)\n"
+        "ctx.SpawnProcess._Popen = staticmethod(popen)\n"
+        "if __name__ == '__main__':\n"
+        "    import handler\n"
+        "    pool = handler.RUNNER.generator\n"
+        "    print('SPAWNED', spawned, 'POOL', [p.name for p in pool.procs], pool.healthy, flush=True)\n"
+        "    pool.close()\n"
+    )
+    env = {**os.environ, "LINGBOT_MODEL": "tiny", "LINGBOT_DEVICE": "cpu", "LINGBOT_NUM_GPUS": "2",
+           "LINGBOT_OUTPUT_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    env.pop("LINGBOT_S3_BUCKET", None)
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("SPAWNED"))
+    assert line == "SPAWNED [(False, 'lingbot-rank1')] POOL ['lingbot-rank1'] True", line
