@@ -62,7 +62,7 @@ def fusable(*, tokens: dict[int, int | tuple[int, ...]], single_pass_rows: bool 
                         torch._dynamo.maybe_mark_dynamic(args[i], dim)
             try:
                 # Only while a prewarm manifest is recorded (prewarm.enabled): nothing added to every call otherwise.
-                graphs = prewarm.graphs_compiled() if prewarm.RECORDER.path is not None else None
+                graphs = prewarm.graphs_compiled() if prewarm.RECORDER.recording else None
                 with use_choices():
                     out = fn_compiled(*args)
                 if graphs is not None and prewarm.graphs_compiled() != graphs:  # this call traced a graph

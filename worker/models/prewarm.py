@@ -115,6 +115,11 @@ class Recorder:
                 self.entries[json.dumps(e, sort_keys=True)] = e
             return list(self.entries.values())
 
+    @property
+    def recording(self) -> bool:
+        """A manifest is being recorded (prewarm.enabled, on CUDA)."""
+        return self.path is not None
+
     def note(self, name: str, args: tuple) -> None:
         """`name` compiled a graph for `args`: add them to the manifest if they can be written down."""
         if self.path is None or getattr(_REPLAYING, "on", False):  # the replay's graphs are already listed

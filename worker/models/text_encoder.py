@@ -61,6 +61,8 @@ class TextEncoder:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if not offload:  # offloaded, the weights stay in host RAM, where HostWeights packs them
+            self.model.to(self.device)
         self.text_len = text_len
         self.cache_size = cache_size
         self.host_weights = HostWeights(self.model) if offload else None
@@ -137,8 +139,7 @@ def build_text_encoder(
     cfg = UMT5Config(**kwargs)
     with build_lock or contextlib.nullcontext(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = UMT5EncoderModel(cfg)
-        model = model.to(device=device, dtype=dtype)
+        model = UMT5EncoderModel(cfg).to(dtype=dtype)
     tok = build_tiny_tokenizer(cfg.vocab_size, model_max_length=enc_kw.get("text_len", TEXT_LEN))
     return TextEncoder(model, tok, device=device, **enc_kw)
 
@@ -154,6 +155,4 @@ def load_text_encoder(
     with build_lock or contextlib.nullcontext():
         model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    if not enc_kw.get("offload"):  # offloaded, it stays in host RAM, where HostWeights packs it
-        model = model.to(device)
     return TextEncoder(model, tok, device=device, **enc_kw)
