@@ -6,7 +6,9 @@ Per rank: the broadcasts (a chunk boundary's go/stop and image condition) with t
 and how long each waited, so a rank that waits for another at the boundary shows as a long broadcast; then, between
 consecutive condition broadcasts (one chunk), the rank's NCCL time (sum, median and 90th percentile of the kernels:
 NCCL kernels spin while a peer is late) and its busy time per stream. --stream S also lists stream S's gaps over
-3 ms (the leader's decode stream: when its kernels ran against the DiT's).
+3 ms (the leader's decode stream: when its kernels ran against the DiT's). --gaps N lists, per rank, where the GPU
+ran no compute kernel (NCCL's kernels left out: they spin while they wait): the N largest sums of idle time by the
+kernels on either side of the gap, e.g. "after v's projection, before the attention" = waiting for an exchange.
 """
 import argparse
 import collections
@@ -29,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("directory", type=Path)
     ap.add_argument("--stream", type=int, default=None)
+    ap.add_argument("--gaps", type=int, default=0, help="list the N largest idle-time sums by neighbouring kernels")
     a = ap.parse_args()
     ranks = load(a.directory)
     if not ranks:
@@ -56,6 +59,27 @@ def main() -> None:
             gaps = [(t0 + d0, t1) for (t0, d0), (t1, _) in zip(mine, mine[1:]) if t1 - (t0 + d0) > 3]
             print(f"   stream {a.stream}: {len(mine)} kernels, busy {sum(d for _, d in mine):.0f} ms, gaps over 3 ms: "
                   + ", ".join(f"{e:.0f}-{s:.0f}" for e, s in gaps))
+
+
+        if a.gaps:
+            idle_gaps(kernels, a.gaps)
+
+
+def idle_gaps(kernels: list, top: int) -> None:
+    """Gaps in the union of the compute kernels, summed by (kernel before, kernel after)."""
+    compute = [k for k in kernels if "nccl" not in k[0].lower()]
+    sums, counts = collections.Counter(), collections.Counter()
+    end, before = compute[0][2], compute[0][0]
+    for name, _, ts, dur in compute:
+        if ts > end:
+            key = (before[:48], name[:48])
+            sums[key] += (ts - end) / 1e3
+            counts[key] += 1
+        if ts + dur > end:
+            end, before = ts + dur, name
+    print(f"   no compute kernel for {sum(sums.values()):.0f} ms in all; the largest by neighbours:")
+    for (after, ahead), ms in sums.most_common(top):
+        print(f"   {ms:8.1f} ms {counts[(after, ahead)]:5d}x  after {after} | before {ahead}")
 
 
 if __name__ == "__main__":

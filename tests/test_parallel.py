@@ -14,10 +14,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import worker.parallel.sp as sp_mod
 from worker.engine import Engine
 from worker.models.chunk_graphs import ChunkGraphs
 from worker.parallel.pool import RankFailure, RankPool
-from worker.parallel.sp import SequenceParallel, consecutive_slices, default_decode_cost, leader_share_for
+from worker.parallel.sp import (
+    SequenceParallel,
+    consecutive_slices,
+    default_decode_cost,
+    exchange_kind,
+    leader_share_for,
+)
 from worker.rollout import RolloutJob
 
 pytestmark = pytest.mark.slow
@@ -105,6 +112,9 @@ def _a2a_worker(rank: int, world: int, port: int) -> None:
         assert torch.equal(torch.cat(sp.heads_to_seq_parts(q, h), -2), shard[0])
         parts = sp.heads_to_seq_parts(q, h)  # one block per rank's head group, in head order
         assert tuple(p.shape[-2] for p in parts) == sp.split_heads(h) and torch.equal(torch.cat(parts, -2), shard[0])
+        ordered = list(sp.heads_to_seq_ordered(q, h))  # without copies: the same parts, numbered in head order
+        assert [j for j, _ in ordered] == list(range(world))
+        assert all(torch.equal(p, want) for (_, p), want in zip(ordered, parts))
         assert torch.equal(sp.gather(shard[0], s), full[0])
         # Received in place: the exchange writes into the caller's buffer (a K/V cache slot) and returns it.
         slot = torch.full((1, s, sp.local_heads(h), 3), -1.0)
@@ -240,6 +250,31 @@ def test_bad_decode_split_names_the_setting(monkeypatch):
     monkeypatch.setenv("LINGBOT_DECODE_SPLIT", "rank0")
     with pytest.raises(ValueError, match="decode split 'rank0': must be one of bands, leader"):
         RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60)
+
+
+def test_exchange_kind_defaults_and_names_the_setting(monkeypatch):
+    monkeypatch.delenv("LINGBOT_SP_EXCHANGE", raising=False)
+    monkeypatch.setattr(sp_mod, "_peers_reachable", lambda world: True)
+    # copy engines where measured (2 GPUs that reach each other), NCCL elsewhere; one rank exchanges nothing
+    assert exchange_kind("cuda:0", 2) == "copy"
+    assert exchange_kind("cuda:0", 4) == "nccl" and exchange_kind("cpu", 2) == "nccl"
+    assert exchange_kind("cuda:0", 1) == "nccl"
+    monkeypatch.setenv("LINGBOT_SP_EXCHANGE", "NCCL")
+    assert exchange_kind("cuda:0", 2) == "nccl"
+    monkeypatch.setenv("LINGBOT_SP_EXCHANGE", "copy")
+    assert exchange_kind("cuda:0", 4) == "copy"
+    with pytest.raises(ValueError, match="LINGBOT_SP_EXCHANGE=copy needs CUDA GPUs with peer access"):
+        RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60)
+    monkeypatch.setenv("LINGBOT_SP_EXCHANGE", "ipc")
+    with pytest.raises(ValueError, match="LINGBOT_SP_EXCHANGE='ipc': must be one of nccl, copy"):
+        exchange_kind("cuda:0", 2)
+    # GPUs without peer access (PCIe without P2P): NCCL by default, and asking for copies fails at start-up
+    monkeypatch.setattr(sp_mod, "_peers_reachable", lambda world: False)
+    monkeypatch.delenv("LINGBOT_SP_EXCHANGE")
+    assert exchange_kind("cuda:0", 2) == "nccl"
+    monkeypatch.setenv("LINGBOT_SP_EXCHANGE", "copy")
+    with pytest.raises(ValueError, match="peer access"):
+        exchange_kind("cuda:0", 2)
 
 
 def test_cancel_releases_ranks_and_next_job_is_correct():

@@ -20,7 +20,9 @@ With sequence parallelism every rank runs the blocks on its share of the tokens 
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -144,18 +146,23 @@ class SelfAttention(Attention):
             shape = (b, s, *hd)
             slots = ctx.cache.chunk_slots(layer) if ctx.cache is not None else None
             q = sp.seq_to_heads_async(rms_norm_rope_packed(self.q(x), self.norm_q.weight, self.norm_q.eps, ctx.cos,
-                                                           ctx.sin, groups), shape, ctx.num_tokens)
+                                                           ctx.sin, groups), shape, ctx.num_tokens, tag="q")
             k = rms_norm_rope_packed(self.k(x), self.norm_k.weight, self.norm_k.eps, ctx.cos, ctx.sin, groups)
-            k = sp.seq_to_heads_async(k, shape, ctx.num_tokens, out=slots[0] if slots else None)
-            v = sp.seq_to_heads_async(_linear_head_groups(self.v, x, sp, self.head_dim), shape, ctx.num_tokens,
-                                      out=slots[1] if slots else None)
+            k = sp.seq_to_heads_async(k, shape, ctx.num_tokens, out=slots[0] if slots else None, tag="k")
+            v_out = slots[1] if slots else None
+            v = sp.linear_to_heads_async(x, self.v.weight, self.v.bias, self.num_heads, ctx.num_tokens, out=v_out,
+                                         tag="v") if isinstance(self.v, nn.Linear) else None
+            if v is None:
+                v = sp.seq_to_heads_async(_linear_head_groups(self.v, x, sp, self.head_dim), shape, ctx.num_tokens,
+                                          out=v_out, tag="v")
             q, k, v = q(), k(), v()
             if ctx.cache is not None:
                 k, v = ctx.cache.visible(layer) if slots else ctx.cache.write(layer, k, v)
         if cache_only:
             return None
         out = attention(q, k, v, ctx.attn_mask)
-        return _linear_from_head_groups(self.o, sp.heads_to_seq_parts(out, self.num_heads), self.head_dim)
+        return _linear_from_head_groups(self.o, sp.heads_to_seq_ordered(out, self.num_heads), self.head_dim,
+                                        sp.split_heads(self.num_heads))
 
 
 def _linear_head_groups(linear: nn.Module, x: torch.Tensor, sp: SequenceParallel, head_dim: int) -> torch.Tensor:
@@ -176,21 +183,22 @@ def _linear_head_groups(linear: nn.Module, x: torch.Tensor, sp: SequenceParallel
     return send
 
 
-def _linear_from_head_groups(linear: nn.Module, parts: list[torch.Tensor], head_dim: int) -> torch.Tensor:
-    """linear(concat of the head groups [B, s, h_j, D]) as split-K GEMMs over the groups as they arrived from the
-    exchange, accumulating in place: no copy back into one [B, s, H, D] tensor."""
-    if len(parts) == 1:  # one rank
-        return linear(parts[0].flatten(-2))
+def _linear_from_head_groups(linear: nn.Module, parts: Iterable[tuple[int, torch.Tensor]], head_dim: int,
+                             heads: Sequence[int]) -> torch.Tensor:
+    """linear(concat of the head groups [B, s, h_j, D]) as split-K GEMMs over the groups (j, part) in the order
+    they come (sp.heads_to_seq_ordered), accumulating in place: no copy back into one [B, s, H, D] tensor."""
+    if len(heads) == 1:  # one rank
+        ((_, part),) = parts
+        return linear(part.flatten(-2))
     if not isinstance(linear, nn.Linear):  # FP8 linears
-        return linear(torch.cat(parts, dim=-2).flatten(-2))
-    *lead, s, _, _ = parts[0].shape
-    y, col = None, 0
-    for part in parts:
-        width = part.shape[-2] * head_dim
-        w = linear.weight[:, col : col + width].t()
-        part = part.reshape(-1, width)
+        return linear(torch.cat([p for _, p in sorted(parts, key=lambda jp: jp[0])], dim=-2).flatten(-2))
+    starts = [0, *itertools.accumulate(heads)]
+    y = None
+    for j, part in parts:
+        *lead, s, _, _ = part.shape
+        w = linear.weight[:, starts[j] * head_dim : starts[j + 1] * head_dim].t()
+        part = part.reshape(-1, w.shape[0])
         y = torch.addmm(linear.bias, part, w) if y is None else y.addmm_(part, w)
-        col += width
     return y.view(*lead, s, -1)
 
 

@@ -31,7 +31,7 @@ from worker.models import chunk_graphs
 from worker.models.attention import backend_setting as attention_backend_setting
 from worker.parallel import early
 from worker.parallel.early import MULTICAST_OFF
-from worker.parallel.sp import SequenceParallel, decode_split, default_decode_cost, leader_share_for
+from worker.parallel.sp import SequenceParallel, decode_split, default_decode_cost, exchange_kind, leader_share_for
 from worker.rollout import ChunkOutput, RolloutJob
 
 log = logging.getLogger("worker.pool")
@@ -63,6 +63,15 @@ def _init_group(rank: int, world: int, port: int, device: str, timeout_s: float)
     return dist.new_group(backend="gloo", timeout=timeout)
 
 
+def _copies(rank: int, world: int, device: str):
+    """The copy-engine exchange where LINGBOT_SP_EXCHANGE asks for it (worker/parallel/sp.py exchange_kind)."""
+    if exchange_kind(device, world) != "copy":
+        return None
+    from worker.parallel.copy_exchange import CopyExchange
+
+    return CopyExchange(rank, world, device)
+
+
 def _share_cpu(world: int) -> None:
     """Each rank's intra-op thread pool gets its share of the cores instead of every rank sizing its pool to the
     whole machine. On 4 x H200 the same per-chunk host work (RoPE tables, camera staging) took ~300 ms on the
@@ -81,7 +90,8 @@ def _follower_main(rank: int, world: int, port: int, model: str | None, device: 
     try:
         control = _init_group(rank, world, port, device, timeout_s)
         dev = f"cuda:{rank}" if device.startswith("cuda") else device
-        sp = SequenceParallel(rank, world, control=control, leader_share=shares[0], leader_head_share=shares[1])
+        sp = SequenceParallel(rank, world, control=control, leader_share=shares[0], leader_head_share=shares[1],
+                              copies=_copies(rank, world, dev))
         engine = Engine.load(model, device=dev, dtype=dtype, sp=sp, text_encoder=text_encoder)
         conn.send(("ready", None))
     except BaseException as exc:  # noqa: BLE001 - report, then die
@@ -183,6 +193,7 @@ class RankPool:
             except ValueError:
                 raise ValueError(f"LINGBOT_SP_DECODE_COST: {raw!r} is not a number in [0, 1)") from None
         share = leader_share_for(ranks, decode_cost)
+        exchange_kind(device, ranks)  # a bad LINGBOT_SP_EXCHANGE fails here, before any rank starts
         os.environ.update(MULTICAST_OFF)  # inherited by the spawned ranks
         if device.startswith("cuda") and torch.cuda.device_count() < ranks:
             raise ValueError(f"ranks: {ranks} GPUs asked for, {torch.cuda.device_count()} visible")
@@ -217,7 +228,8 @@ class RankPool:
             if device.startswith("cuda"):  # on the CPU this process's pool is the tests' too: left alone
                 _share_cpu(ranks)
             dev = "cuda:0" if device.startswith("cuda") else device
-            sp = SequenceParallel(0, ranks, control=control, leader_share=share, leader_head_share=head_share)
+            sp = SequenceParallel(0, ranks, control=control, leader_share=share, leader_head_share=head_share,
+                                  copies=_copies(0, ranks, dev))
             engine = Engine.load(model, device=dev, dtype=dtype, sp=sp, text_encoder=text_encoder)
             if engine.dit.cfg.num_heads < ranks:
                 raise ValueError(f"ranks: {ranks} is more than the {engine.dit.cfg.num_heads} attention heads")
@@ -230,8 +242,9 @@ class RankPool:
                 p.kill()
             raise
         heads = engine.dit.cfg.num_heads
-        log.info("rank pool ready: %d ranks on %s; rank 0 takes %.1f%% of the tokens and %d of %d heads", ranks,
-                 device, 100 * share if ranks > 1 else 100.0, engine.sp.local_heads(heads), heads)
+        log.info("rank pool ready: %d ranks on %s; rank 0 takes %.1f%% of the tokens and %d of %d heads; exchanges: %s",
+                 ranks, device, 100 * share if ranks > 1 else 100.0, engine.sp.local_heads(heads), heads,
+                 "copy engines" if engine.sp.copies is not None else _backend(device))
         return cls(engine, procs, conns, timeout_s)
 
     # --- health ---------------------------------------------------------------------------------------------

@@ -21,13 +21,41 @@ import functools
 import itertools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 DECODE_SPLITS = ("bands", "leader")
+EXCHANGES = ("nccl", "copy")
+
+
+def exchange_kind(device: str, world: int) -> str:
+    """How the Ulysses exchanges move their bytes: LINGBOT_SP_EXCHANGE, else "copy" on 2 GPUs that can map each
+    other's memory and "nccl" elsewhere.
+    nccl: all-to-alls (every device; gloo on CPUs).
+    copy: copy-engine writes into the peers' symmetric memory (CUDA GPUs with peer access; worker/parallel/
+      copy_exchange.py). On 2 x H200: 1074 ms per chunk against 1094 with nccl, the same latents bit for bit
+      (docs/PERFORMANCE.md v25). Not yet measured on 4+ GPUs, so those keep nccl unless asked."""
+    cuda = str(device).startswith("cuda")
+    asked = os.environ.get("LINGBOT_SP_EXCHANGE", "").strip().lower()
+    if asked and asked not in EXCHANGES:
+        raise ValueError(f"LINGBOT_SP_EXCHANGE={asked!r}: must be one of {', '.join(EXCHANGES)}")
+    if world < 2:
+        return "nccl"
+    if asked == "copy" and not (cuda and _peers_reachable(world)):
+        raise ValueError("LINGBOT_SP_EXCHANGE=copy needs CUDA GPUs with peer access to each other "
+                         "(NVLink or PCIe P2P); set it to nccl")
+    return asked or ("copy" if cuda and world == 2 and _peers_reachable(world) else "nccl")
+
+
+def _peers_reachable(world: int) -> bool:
+    """Every pair of the first `world` GPUs can map each other's memory, which symmetric memory needs."""
+    try:
+        return all(torch.cuda.can_device_access_peer(i, j) for i in range(world) for j in range(world) if i != j)
+    except (RuntimeError, AssertionError):  # no CUDA, or fewer GPUs than ranks
+        return False
 
 
 def decode_split(value: str | None = None) -> str:
@@ -93,6 +121,8 @@ class SequenceParallel:
     control: object | None = None
     leader_share: float | None = None  # fraction of the tokens on rank 0; None = 1/world
     leader_head_share: float | None = None  # fraction of the heads on rank 0; None = as even as integers allow
+    # A CopyExchange (worker/parallel/copy_exchange.py) that runs the Ulysses exchanges instead of NCCL; None: NCCL.
+    copies: object | None = None
 
     @property
     def enabled(self) -> bool:
@@ -152,13 +182,15 @@ class SequenceParallel:
         return send
 
     def seq_to_heads_async(self, send: torch.Tensor, shape: torch.Size | tuple[int, ...], true_len: int,
-                           out: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
+                           out: torch.Tensor | None = None, tag: str = "q") -> Callable[[], torch.Tensor]:
         """Start the exchange of a packed send buffer holding a [..., s, H, D] tensor (`shape`); the returned
         function waits for it and gives [..., S, h, D]. NCCL runs on its own stream, so the caller can overlap
         it with compute.
 
         out: where the result should land, e.g. this chunk's slots in the K/V cache. With one leading element
         the received blocks already are [S, h, D] in token order, so NCCL writes straight into `out`.
+        tag: which of a block-forward's exchanges this is ("q", "k" or "v"): with `copies` each lands in its own
+        buffer, so all three can be in flight at once.
         """
         *lead, s, h, d = shape
         if not self.enabled:
@@ -166,6 +198,8 @@ class SequenceParallel:
             return (lambda: result) if out is None else (lambda: out.copy_(result))
         b = math.prod(lead)
         tokens, heads = self.split_tokens(true_len), self.split_heads(h)
+        if self.copies is not None:
+            return self.copies.seq_to_heads(send, lead, tokens, heads, d, tag, out)
         mine = heads[self.rank]
         direct = out is not None and b == 1 and out.is_contiguous()
         recv = out.view(-1) if direct else send.new_empty(b * true_len * mine * d)
@@ -185,6 +219,26 @@ class SequenceParallel:
             return result if out is None else out.copy_(result)
 
         return finish
+
+    def linear_to_heads_async(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_heads: int,
+                              true_len: int, out: torch.Tensor | None = None, tag: str = "v"
+                              ) -> Callable[[], torch.Tensor] | None:
+        """seq_to_heads_async of x @ weight.T + bias ([1, s, dim] -> [1, S, h, D]), for a caller that has the
+        weights: with `copies` each head group is projected and sent in turn, this rank's own group last, beside
+        the others' transfer (CopyExchange.linear_to_heads). None where that does not apply (NCCL, a batch > 1):
+        the caller projects, then calls seq_to_heads_async."""
+        if self.copies is None or x.shape[0] != 1:
+            return None
+        d = weight.shape[0] // num_heads
+        return self.copies.linear_to_heads(x.reshape(-1, x.shape[-1]), weight, bias, self.split_tokens(true_len),
+                                           self.split_heads(num_heads), d, tag, out)
+
+    def heads_to_seq_ordered(self, x: torch.Tensor, num_heads: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """heads_to_seq_parts as (head group j, part) in the order the parts can be used: with `copies` this rank's
+        own group first (it needs no exchange) while the others travel; otherwise every group in head order."""
+        if self.copies is not None and self.enabled and x.dim() == 4 and x.shape[0] == 1:
+            return self.copies.heads_to_seq(x, self.split_tokens(x.shape[1]), self.split_heads(num_heads))
+        return enumerate(self.heads_to_seq_parts(x, num_heads))
 
     def heads_to_seq_parts(self, x: torch.Tensor, num_heads: int) -> list[torch.Tensor]:
         """[..., S, h, D] (all tokens, this rank's heads) -> this rank's tokens with every rank's head group, one

@@ -1,0 +1,73 @@
+"""The copy-engine exchange's layout, on the CPU: its copy plans carried out between plain buffers give NCCL's
+all-to-all layouts. (The transport itself, symmetric memory and copy engines, needs GPUs: scripts/exchange_probe.py
+checks it against NCCL bit for bit on two of them, docs/PERFORMANCE.md v25.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.parallel.copy_exchange import heads_to_seq_blocks, heads_to_seq_offsets, seq_to_heads_blocks
+from worker.parallel.sp import SequenceParallel, consecutive_slices
+
+D = 4
+
+
+def carry_out(plans: list[list[tuple[int, int, int, int]]], sends: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """Every rank's copies into every rank's region, as CopyExchange._push does across GPUs."""
+    regions = [torch.full((size,), float("nan")) for _ in plans]
+    for sender, blocks in enumerate(plans):
+        for j, src, dst, n in blocks:
+            regions[j][dst : dst + n] = sends[sender][src : src + n]
+    return regions
+
+
+@pytest.mark.parametrize("world, total, heads_total, shares", [
+    (2, 4680, 40, (None, None)),
+    (2, 37, 6, (0.3, 0.4)),
+    (3, 50, 7, (0.2, None)),
+    (4, 61, 40, (0.1, 0.3)),
+])
+def test_copy_plans_give_the_all_to_all_layouts(world: int, total: int, heads_total: int, shares):
+    sps = [SequenceParallel(r, world, leader_share=shares[0], leader_head_share=shares[1]) for r in range(world)]
+    tokens, heads = sps[0].split_tokens(total), sps[0].split_heads(heads_total)
+    tok, hs = consecutive_slices(tokens), consecutive_slices(heads)
+    x = torch.randn(total, heads_total, D)  # every token with every head
+
+    # tokens split -> heads split: each rank sends its packed tokens; rank j gets every token with its heads
+    plans = [seq_to_heads_blocks(r, tokens, heads, D) for r in range(world)]
+    sends = [sps[r].pack_heads(x[None, tok[r]]) for r in range(world)]
+    regions = carry_out(plans, sends, total * max(heads) * D)
+    for j in range(world):
+        got = regions[j][: total * heads[j] * D].view(total, heads[j], D)
+        assert torch.equal(got, x[:, hs[j]])
+    # every region element written once: the blocks into a rank tile its region exactly
+    for j in range(world):
+        spans = sorted((dst, dst + n) for plan in plans for k, _, dst, n in plan if k == j)
+        assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert spans[-1][1] == total * heads[j] * D
+
+    # and back: each rank sends every token with its heads; rank j gets its tokens with every head group
+    plans = [heads_to_seq_blocks(r, tokens, heads, D) for r in range(world)]
+    sends = [x[:, hs[r]].contiguous().view(-1) for r in range(world)]
+    regions = carry_out(plans, sends, max(tokens) * heads_total * D)
+    for j in range(world):
+        for i, start in heads_to_seq_offsets(j, tokens, heads, D):
+            part = regions[j][start : start + tokens[j] * heads[i] * D].view(tokens[j], heads[i], D)
+            assert torch.equal(part, x[tok[j], hs[i]])
+
+
+def test_a_batch_keeps_nccls_rank_by_rank_layout():
+    """With two leading elements the blocks stay rank by rank, as SequenceParallel reassembles NCCL's."""
+    world, total, heads_total, b = 2, 9, 4, 2
+    sps = [SequenceParallel(r, world) for r in range(world)]
+    tokens, heads = sps[0].split_tokens(total), sps[0].split_heads(heads_total)
+    tok, hs = consecutive_slices(tokens), consecutive_slices(heads)
+    x = torch.randn(b, total, heads_total, D)
+    plans = [seq_to_heads_blocks(r, tokens, heads, D, b) for r in range(world)]
+    regions = carry_out(plans, [sps[r].pack_heads(x[:, tok[r]]) for r in range(world)], b * total * 2 * D)
+    for j in range(world):
+        sizes = [b * t * heads[j] * D for t in tokens]
+        blocks = regions[j][: sum(sizes)].split(sizes)
+        got = torch.cat([blk.view(b, t, heads[j], D) for blk, t in zip(blocks, tokens)], dim=1)
+        assert torch.equal(got, x[:, :, hs[j]])
