@@ -3,7 +3,9 @@
 Every linear layer runs on a slice of the chunk's tokens. Self-attention needs all tokens, so q, k and v each go
 through an all-to-all from "tokens split, all heads" to "all tokens, heads split", and the attention output comes
 back the same way. Each rank therefore caches K/V only for its own heads, and receives them straight into its
-cache. With one rank every method is the identity, so the single-GPU path pays nothing.
+cache. With one rank every method is the identity, so the single-GPU path pays nothing. The exchanges are NCCL
+all-to-alls, or with `copies` copy-engine writes into the peers' memory (worker/parallel/copy_exchange.py, the
+default on 2 GPUs: NCCL's kernels cannot run beside the GEMMs, the copy engines can).
 
 The split need not be even. By default every rank decodes a band of each chunk's frame rows between chunks
 (`decode_split`: "bands"), so every rank does the same work. With "leader" rank 0 alone decodes whole frames, on a
@@ -23,9 +25,13 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from worker.parallel.copy_exchange import CopyExchange
 
 DECODE_SPLITS = ("bands", "leader")
 EXCHANGES = ("nccl", "copy")
@@ -121,8 +127,8 @@ class SequenceParallel:
     control: object | None = None
     leader_share: float | None = None  # fraction of the tokens on rank 0; None = 1/world
     leader_head_share: float | None = None  # fraction of the heads on rank 0; None = as even as integers allow
-    # A CopyExchange (worker/parallel/copy_exchange.py) that runs the Ulysses exchanges instead of NCCL; None: NCCL.
-    copies: object | None = None
+    # Runs the Ulysses exchanges on the copy engines instead of NCCL (exchange_kind); None: NCCL (gloo on CPUs).
+    copies: CopyExchange | None = None
 
     @property
     def enabled(self) -> bool:
