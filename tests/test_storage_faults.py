@@ -182,8 +182,10 @@ def test_full_disk_fails_the_job_clearly_and_the_worker_serves_the_next(engine, 
     real = getattr(media.Mp4Writer, where)
 
     def full(self, *a, **k):
-        if where == "close":
-            self._container.close()  # the encoder wrote its file, then finishing it hits the full disk
+        if where == "close":  # the encoder wrote its file, then finishing it hits the full disk
+            self._hand_over(None)  # as the real close: the encoder thread ends before the container closes (closing
+            self._thread.join()  # it under a frame being encoded crashed libav: a segfault in CI, 2026-11-22)
+            self._container.close()
         raise OSError(errno.ENOSPC, os_strerror(errno.ENOSPC), str(self._tmp))
 
     monkeypatch.setattr(media.Mp4Writer, where, full)
