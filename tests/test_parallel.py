@@ -277,6 +277,54 @@ def test_exchange_kind_defaults_and_names_the_setting(monkeypatch):
         exchange_kind("cuda:0", 2)
 
 
+class _FakeCopies:
+    """Stands in for CopyExchange on gloo ranks: set-up fails on the rank named by FAIL_RANK."""
+
+    def __init__(self, rank, world, device):
+        self.rank = rank
+
+    def setup(self):
+        if str(self.rank) == os.environ.get("FAIL_RANK"):
+            raise RuntimeError("cannot share GPU memory here")
+
+
+def _copies_worker(rank: int, world: int, port: int, fail_rank: int | None, asked: bool, out) -> None:
+    import worker.parallel.copy_exchange as copy_exchange
+    import worker.parallel.pool as pool_mod
+
+    os.environ["FAIL_RANK"] = str(fail_rank)
+    if asked:
+        os.environ["LINGBOT_SP_EXCHANGE"] = "copy"
+    pool_mod.exchange_kind = lambda device, world: "copy"  # as on 2 GPUs with peer access
+    copy_exchange.CopyExchange = _FakeCopies
+    control = pool_mod._init_group(rank, world, port, "cpu", 60)
+    try:
+        out.put((rank, type(pool_mod._copies(rank, world, "cpu", control)).__name__))
+    except RuntimeError as exc:
+        out.put((rank, str(exc)))
+
+
+@pytest.mark.parametrize("fail_rank, asked", [(None, False), (1, False), (0, True)])
+def test_every_rank_takes_the_same_exchange(fail_rank, asked):
+    """The copy exchange is used only where every rank could set it up; otherwise every rank falls back to NCCL, or,
+    where LINGBOT_SP_EXCHANGE=copy asked for it, every rank fails naming the setting."""
+    ctx = mp.get_context("spawn")
+    port, out = _port(), ctx.Queue()
+    procs = [ctx.Process(target=_copies_worker, args=(r, 2, port, fail_rank, asked, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    if fail_rank is None:
+        assert got == {0: "_FakeCopies", 1: "_FakeCopies"}
+    elif not asked:
+        assert got == {0: "NoneType", 1: "NoneType"}
+    else:
+        assert "cannot share GPU memory here" in got[0] and "failed on another rank" in got[1]
+        assert all("set LINGBOT_SP_EXCHANGE=nccl" in v for v in got.values())
+
+
 def test_cancel_releases_ranks_and_next_job_is_correct():
     job = _job()
     one = Engine.load("tiny", device="cpu", dtype=torch.float32)

@@ -11,7 +11,8 @@ it over NVLink, no SM is taken. A stream barrier over the ranks then says every 
 
 The receive layouts are exactly those of NCCL's `all_to_all_single` in worker/parallel/sp.py, so everything around
 the exchange is unchanged. The buffer holds four regions, one per exchange of a block-forward (q, k, v and the
-attention output's return), so the three exchanges of q, k and v can be in flight together.
+attention output's return), so the three exchanges of q, k and v can be in flight together. It is first set up
+when the rank pool starts (`setup`); where any rank cannot, every rank agrees on NCCL (worker/parallel/pool.py).
 
 Why one barrier per exchange is enough: a rank writes a peer's region only after its own side stream has passed
 the barrier of the exchange before it, which the peer reached only after its side stream had waited for its
@@ -77,6 +78,11 @@ class CopyExchange:
         self._peers: list[torch.Tensor] = []
         self._handle = None
         self._retired: list = []
+
+    def setup(self) -> None:
+        """A first, small buffer (it grows at the first exchange): collective, so that a GPU or container that cannot
+        share memory between processes shows at start-up, where the pool can still choose NCCL."""
+        self._ensure(1 << 16, torch.bfloat16)
 
     def _ensure(self, elems: int, dtype: torch.dtype) -> None:
         """(Re)allocate the symmetric buffer when a region must hold more. Collective: every rank asks for the same

@@ -63,13 +63,30 @@ def _init_group(rank: int, world: int, port: int, device: str, timeout_s: float)
     return dist.new_group(backend="gloo", timeout=timeout)
 
 
-def _copies(rank: int, world: int, device: str):
-    """The copy-engine exchange where LINGBOT_SP_EXCHANGE asks for it (worker/parallel/sp.py exchange_kind)."""
+def _copies(rank: int, world: int, device: str, control):
+    """The copy-engine exchange where exchange_kind picks it and every rank could set it up; else None (NCCL).
+    Every rank calls this at the same point and they agree over `control`, so all of them use the same exchange:
+    a container that cannot share GPU memory between processes falls back to NCCL with a warning, unless
+    LINGBOT_SP_EXCHANGE=copy asked for the copies, which then fails the start naming the setting."""
     if exchange_kind(device, world) != "copy":
         return None
-    from worker.parallel.copy_exchange import CopyExchange
+    from worker.parallel import copy_exchange
 
-    return CopyExchange(rank, world, device)
+    copies, reason = copy_exchange.CopyExchange(rank, world, device), ""
+    try:
+        copies.setup()
+    except Exception as exc:  # noqa: BLE001 - whatever the driver or torch says, NCCL still works
+        copies, reason = None, f"{type(exc).__name__}: {exc}"[:300]
+    ok = torch.tensor([int(copies is not None)])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=control)
+    if ok.item():
+        return copies
+    reason = reason or "it failed on another rank"
+    if os.environ.get("LINGBOT_SP_EXCHANGE", "").strip().lower() == "copy":
+        raise RuntimeError(f"LINGBOT_SP_EXCHANGE=copy: the copy-engine exchange could not be set up ({reason}); "
+                           "set LINGBOT_SP_EXCHANGE=nccl")
+    log.warning("rank %d: the copy-engine exchange could not be set up (%s): NCCL all-to-alls instead", rank, reason)
+    return None
 
 
 def _share_cpu(world: int) -> None:
@@ -91,7 +108,7 @@ def _follower_main(rank: int, world: int, port: int, model: str | None, device: 
         control = _init_group(rank, world, port, device, timeout_s)
         dev = f"cuda:{rank}" if device.startswith("cuda") else device
         sp = SequenceParallel(rank, world, control=control, leader_share=shares[0], leader_head_share=shares[1],
-                              copies=_copies(rank, world, dev))
+                              copies=_copies(rank, world, dev, control))
         engine = Engine.load(model, device=dev, dtype=dtype, sp=sp, text_encoder=text_encoder)
         conn.send(("ready", None))
     except BaseException as exc:  # noqa: BLE001 - report, then die
@@ -229,7 +246,7 @@ class RankPool:
                 _share_cpu(ranks)
             dev = "cuda:0" if device.startswith("cuda") else device
             sp = SequenceParallel(0, ranks, control=control, leader_share=share, leader_head_share=head_share,
-                                  copies=_copies(0, ranks, dev))
+                                  copies=_copies(0, ranks, dev, control))
             engine = Engine.load(model, device=dev, dtype=dtype, sp=sp, text_encoder=text_encoder)
             if engine.dit.cfg.num_heads < ranks:
                 raise ValueError(f"ranks: {ranks} is more than the {engine.dit.cfg.num_heads} attention heads")
