@@ -68,6 +68,9 @@ def heads_to_seq_offsets(rank: int, tokens: Sequence[int], heads: Sequence[int],
 
 
 class CopyExchange:
+    """One rank's side of the copy-engine exchanges: its symmetric buffer, the peers' buffers mapped here, and the
+    side stream the copies and barriers run on."""
+
     def __init__(self, rank: int, world: int, device: torch.device | str, group=None) -> None:
         self.rank, self.world, self.device = rank, world, torch.device(device)
         self.group = group
@@ -77,7 +80,7 @@ class CopyExchange:
         self._local: torch.Tensor | None = None
         self._peers: list[torch.Tensor] = []
         self._handle = None
-        self._retired: list = []
+        self._retired: list[tuple[torch.Tensor, object]] = []  # outgrown buffers, with their handles
 
     def setup(self) -> None:
         """A first, small buffer (it grows at the first exchange): collective, so that a GPU or container that cannot
