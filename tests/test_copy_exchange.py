@@ -1,13 +1,21 @@
-"""The copy-engine exchange's layout, on the CPU: its copy plans carried out between plain buffers give NCCL's
-all-to-all layouts. (The transport itself, symmetric memory and copy engines, needs GPUs: scripts/exchange_probe.py
+"""The copy-engine exchange on the CPU: its copy plans carried out between plain buffers give NCCL's all-to-all
+layouts, and so do CopyExchange's own methods with CUDA's streams stubbed. (The transport itself, symmetric memory and copy engines, needs GPUs: scripts/exchange_probe.py
 checks it against NCCL bit for bit on two of them, docs/PERFORMANCE.md v25.)"""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
-from worker.parallel.copy_exchange import heads_to_seq_blocks, heads_to_seq_offsets, seq_to_heads_blocks
+from worker.parallel.copy_exchange import (
+    REGIONS,
+    CopyExchange,
+    heads_to_seq_blocks,
+    heads_to_seq_offsets,
+    seq_to_heads_blocks,
+)
 from worker.parallel.sp import SequenceParallel, consecutive_slices
 
 D = 4
@@ -71,3 +79,78 @@ def test_a_batch_keeps_nccls_rank_by_rank_layout():
         blocks = regions[j][: sum(sizes)].split(sizes)
         got = torch.cat([blk.view(b, t, heads[j], D) for blk, t in zip(blocks, tokens)], dim=1)
         assert torch.equal(got, x[:, :, hs[j]])
+
+
+class _Stream:
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class _Event:
+    def record(self, stream=None):
+        pass
+
+
+class _Handle:
+    def barrier(self, channel=0):
+        pass
+
+
+def _exchanges_on_the_cpu(world: int, monkeypatch) -> list:
+    """CopyExchange objects for `world` ranks in this process, their symmetric buffers plain CPU tensors that every
+    rank's `_peers` maps, and CUDA's streams and events stubbed: every copy happens when it is queued, in call
+    order. What is left is the class's own bookkeeping: regions, offsets, the own group's rows, what each wait
+    returns."""
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _Stream())
+    elems = 4096
+    buffers = [torch.full((elems * len(REGIONS),), float("nan")) for _ in range(world)]
+    exchanges = []
+    for rank in range(world):
+        x = CopyExchange(rank, world, "cpu")
+        x._region_elems, x._dtype, x._local, x._handle, x._peers = elems, torch.float32, buffers[rank], _Handle(), buffers
+        exchanges.append(x)
+    return exchanges
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_copy_exchange_methods_give_every_rank_its_share(world: int, monkeypatch):
+    exchanges = _exchanges_on_the_cpu(world, monkeypatch)
+    sps = [SequenceParallel(r, world, leader_share=0.3, leader_head_share=0.4) for r in range(world)]
+    total, heads_total = 37, 7
+    tokens, heads = sps[0].split_tokens(total), sps[0].split_heads(heads_total)
+    tok, hs = consecutive_slices(tokens), consecutive_slices(heads)
+    x = torch.randn(1, total, heads_total, D)
+
+    # q/k: packed send buffers; one into a given slot
+    slots = [torch.empty(1, total, heads[r], D) for r in range(world)]
+    waits = [exchanges[r].seq_to_heads(sps[r].pack_heads(x[:, tok[r]]), (1,), tokens, heads, D, "k", slots[r])
+             for r in range(world)]
+    for r in range(world):
+        got = waits[r]()
+        assert got.data_ptr() == slots[r].data_ptr() and torch.equal(got, x[:, :, hs[r]])
+
+    # v: projected group by group, the own group straight into the region
+    lin = torch.nn.Linear(8, heads_total * D).requires_grad_(False)
+    inp = torch.randn(1, total, 8)
+    waits = [exchanges[r].linear_to_heads(inp[0, tok[r]], lin.weight, lin.bias, tokens, heads, D, "v", None)
+             for r in range(world)]
+    full_v = lin(inp).view(1, total, heads_total, D)
+    for r in range(world):
+        assert torch.allclose(waits[r](), full_v[:, :, hs[r]], atol=1e-6)
+
+    # the way back: the own group first, then the peers' in head order
+    gens = [exchanges[r].heads_to_seq(x[:, :, hs[r]].clone(), tokens, heads) for r in range(world)]
+    firsts = [next(g) for g in gens]  # every rank pushes before any waits, as the ranks run side by side
+    for r in range(world):
+        assert firsts[r][0] == r
+        parts = dict([firsts[r], *gens[r]])
+        assert torch.equal(torch.cat([parts[j] for j in range(world)], dim=-2), x[:, tok[r]])

@@ -18,8 +18,9 @@ Why one barrier per exchange is enough: a rank writes a peer's region only after
 the barrier of the exchange before it, which the peer reached only after its side stream had waited for its
 compute stream up to the point where that exchange's data was made, and that point comes after the peer's last
 read of the region (its attention reads q, k and v before it makes the attention output; its output projection
-reads the returned parts before it makes the next q). Checked on two H200s only (CPUs have no symmetric memory):
-every exchange equals NCCL's bit for bit (scripts/exchange_probe.py), and so do a 12-chunk rollout's latents.
+reads the returned parts before it makes the next q). On two H200s every exchange equals NCCL's bit for bit
+(scripts/exchange_probe.py), and so do a 12-chunk rollout's latents. CPUs have no symmetric memory: there
+tests/test_copy_exchange.py checks the copy plans and this class's methods, with CUDA's streams stubbed.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class CopyExchange:
         self._peers: list[torch.Tensor] = []
         self._handle = None
         self._retired: list[tuple[torch.Tensor, object]] = []  # outgrown buffers, with their handles
+        # The peers from the next rank on, so that not every rank writes to the same peer at once.
+        self._peers_in_turn = [(rank + k) % world for k in range(1, world)]
 
     def setup(self) -> None:
         """A first, small buffer (it grows at the first exchange): collective, so that a GPU or container that cannot
@@ -132,24 +135,16 @@ class CopyExchange:
         done.record(self.stream)
         return done
 
-    def _peer_order(self) -> list[int]:
-        # From the next rank on, so that not every rank writes to the same peer at once.
-        return [(self.rank + k) % self.world for k in range(1, self.world)]
-
-    def seq_to_heads(self, send: torch.Tensor, lead: Sequence[int], tokens: Sequence[int], heads: Sequence[int],
-                     d: int, tag: str, out: torch.Tensor | None) -> Callable[[], torch.Tensor]:
-        """As SequenceParallel.seq_to_heads_async: send is packed (for each rank j, this rank's tokens with rank
-        j's heads); each rank receives every rank's tokens with its own heads, rank by rank."""
-        b, total, mine = math.prod(lead), sum(tokens), heads[self.rank]
-        self._ensure(b * total * max(heads) * d, send.dtype)
-        blocks = seq_to_heads_blocks(self.rank, tokens, heads, d, b)
-        self._push(send, [blocks[self.rank]] + [blocks[j] for j in self._peer_order()], tag)
-        done = self._barrier()
+    def _finisher(self, done: torch.cuda.Event, send: torch.Tensor, tag: str, lead: Sequence[int],
+                  tokens: Sequence[int], mine: int, d: int, out: torch.Tensor | None) -> Callable[[], torch.Tensor]:
+        """The caller's wait for an exchange into region `tag`: every rank's tokens with this rank's `mine` heads,
+        [*lead, S, mine, d] (a view of the region, or copied into `out`). Holds `send` until then."""
 
         def finish() -> torch.Tensor:
             nonlocal send
             torch.cuda.current_stream(self.device).wait_event(done)
             send = None  # freed after the wait: reused only behind the copies
+            b, total = math.prod(lead), sum(tokens)
             recv = self.region(tag, b * total * mine * d)
             if b == 1:
                 result = recv.view(*lead, total, mine, d)
@@ -159,6 +154,16 @@ class CopyExchange:
             return result if out is None else out.copy_(result)
 
         return finish
+
+    def seq_to_heads(self, send: torch.Tensor, lead: Sequence[int], tokens: Sequence[int], heads: Sequence[int],
+                     d: int, tag: str, out: torch.Tensor | None) -> Callable[[], torch.Tensor]:
+        """As SequenceParallel.seq_to_heads_async: send is packed (for each rank j, this rank's tokens with rank
+        j's heads); each rank receives every rank's tokens with its own heads, rank by rank."""
+        b, total, mine = math.prod(lead), sum(tokens), heads[self.rank]
+        self._ensure(b * total * max(heads) * d, send.dtype)
+        blocks = seq_to_heads_blocks(self.rank, tokens, heads, d, b)
+        self._push(send, [blocks[self.rank]] + [blocks[j] for j in self._peers_in_turn], tag)
+        return self._finisher(self._barrier(), send, tag, lead, tokens, mine, d, out)
 
     def linear_to_heads(self, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tokens: Sequence[int],
                         heads: Sequence[int], d: int, tag: str, out: torch.Tensor | None
@@ -172,25 +177,17 @@ class CopyExchange:
         groups, blocks = consecutive_slices(heads), seq_to_heads_blocks(self.rank, tokens, heads, d)
         send = x2.new_empty(s * (sum(heads) - mine) * d)
         src = 0
-        for j in self._peer_order():  # the same copies as seq_to_heads, from a buffer of the peers' groups only
+        for j in self._peers_in_turn:  # the same copies as seq_to_heads, from a buffer of the peers' groups only
             rows = slice(groups[j].start * d, groups[j].stop * d)
             _, _, dst, n = blocks[j]
             torch.addmm(bias[rows], x2, weight[rows].t(), out=send[src : src + n].view(s, -1))
             self._push(send, [(j, src, dst, n)], tag)
             src += n
         done = self._barrier()
-        recv = self.region(tag, total * mine * d)
         own = slice(groups[self.rank].start * d, groups[self.rank].stop * d)
-        torch.addmm(bias[own], x2, weight[own].t(), out=recv[before * mine * d : (before + s) * mine * d].view(s, -1))
-
-        def finish() -> torch.Tensor:
-            nonlocal send
-            torch.cuda.current_stream(self.device).wait_event(done)
-            send = None
-            result = recv.view(1, total, mine, d)
-            return result if out is None else out.copy_(result)
-
-        return finish
+        rows = self.region(tag, (before + s) * mine * d)[before * mine * d :]
+        torch.addmm(bias[own], x2, weight[own].t(), out=rows.view(s, -1))
+        return self._finisher(done, send, tag, (1,), tokens, mine, d, out)
 
     def heads_to_seq(self, x: torch.Tensor, tokens: Sequence[int], heads: Sequence[int]
                      ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -202,7 +199,7 @@ class CopyExchange:
         self._ensure(max(tokens) * sum(heads) * d, x.dtype)
         x = x.contiguous()  # token-major (an attention backend may return a transposed view)
         blocks = heads_to_seq_blocks(self.rank, tokens, heads, d)
-        self._push(x.view(-1), [blocks[j] for j in self._peer_order()], "o")
+        self._push(x.view(-1), [blocks[j] for j in self._peers_in_turn], "o")
         done = self._barrier()
         yield self.rank, x[:, before : before + s]
         torch.cuda.current_stream(self.device).wait_event(done)

@@ -31,7 +31,14 @@ from worker.models import chunk_graphs
 from worker.models.attention import backend_setting as attention_backend_setting
 from worker.parallel import early
 from worker.parallel.early import MULTICAST_OFF
-from worker.parallel.sp import SequenceParallel, decode_split, default_decode_cost, exchange_kind, leader_share_for
+from worker.parallel.sp import (
+    SequenceParallel,
+    decode_split,
+    default_decode_cost,
+    exchange_asked,
+    exchange_kind,
+    leader_share_for,
+)
 from worker.rollout import ChunkOutput, RolloutJob
 
 log = logging.getLogger("worker.pool")
@@ -82,7 +89,7 @@ def _copies(rank: int, world: int, device: str, control):
     if ok.item():
         return copies
     reason = reason or "it failed on another rank"
-    if os.environ.get("LINGBOT_SP_EXCHANGE", "").strip().lower() == "copy":
+    if exchange_asked() == "copy":
         raise RuntimeError(f"LINGBOT_SP_EXCHANGE=copy: the copy-engine exchange could not be set up ({reason}); "
                            "set LINGBOT_SP_EXCHANGE=nccl")
     log.warning("rank %d: the copy-engine exchange could not be set up (%s): NCCL all-to-alls instead", rank, reason)

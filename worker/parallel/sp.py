@@ -45,15 +45,21 @@ def exchange_kind(device: str, world: int) -> str:
       copy_exchange.py). On 2 x H200: 1074 ms per chunk against 1094 with nccl, the same latents bit for bit
       (docs/PERFORMANCE.md v25). Not yet measured on 4+ GPUs, so those keep nccl unless asked."""
     cuda = str(device).startswith("cuda")
-    asked = os.environ.get("LINGBOT_SP_EXCHANGE", "").strip().lower()
-    if asked and asked not in EXCHANGES:
-        raise ValueError(f"LINGBOT_SP_EXCHANGE={asked!r}: must be one of {', '.join(EXCHANGES)}")
+    asked = exchange_asked()
     if world < 2:
         return "nccl"
     if asked == "copy" and not (cuda and _peers_reachable(world)):
         raise ValueError("LINGBOT_SP_EXCHANGE=copy needs CUDA GPUs with peer access to each other "
                          "(NVLink or PCIe P2P); set it to nccl")
     return asked or ("copy" if cuda and world == 2 and _peers_reachable(world) else "nccl")
+
+
+def exchange_asked() -> str:
+    """LINGBOT_SP_EXCHANGE as set ("" when unset): one of EXCHANGES."""
+    asked = os.environ.get("LINGBOT_SP_EXCHANGE", "").strip().lower()
+    if asked and asked not in EXCHANGES:
+        raise ValueError(f"LINGBOT_SP_EXCHANGE={asked!r}: must be one of {', '.join(EXCHANGES)}")
+    return asked
 
 
 def _peers_reachable(world: int) -> bool:
@@ -242,7 +248,7 @@ class SequenceParallel:
     def heads_to_seq_ordered(self, x: torch.Tensor, num_heads: int) -> Iterator[tuple[int, torch.Tensor]]:
         """heads_to_seq_parts as (head group j, part) in the order the parts can be used: with `copies` this rank's
         own group first (it needs no exchange) while the others travel; otherwise every group in head order."""
-        if self.copies is not None and self.enabled and x.dim() == 4 and x.shape[0] == 1:
+        if self.copies is not None and x.dim() == 4 and x.shape[0] == 1:
             return self.copies.heads_to_seq(x, self.split_tokens(x.shape[1]), self.split_heads(num_heads))
         return enumerate(self.heads_to_seq_parts(x, num_heads))
 
