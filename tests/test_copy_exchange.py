@@ -14,6 +14,7 @@ from worker.parallel.copy_exchange import (
     CopyExchange,
     heads_to_seq_blocks,
     heads_to_seq_offsets,
+    region_elems,
     seq_to_heads_blocks,
 )
 from worker.parallel.sp import SequenceParallel, consecutive_slices
@@ -81,6 +82,10 @@ def test_a_batch_keeps_nccls_rank_by_rank_layout():
         assert torch.equal(got, x[:, :, hs[j]])
 
 
+class _Grew(Exception):
+    pass
+
+
 class _Stream:
     def wait_stream(self, other):
         pass
@@ -102,7 +107,7 @@ class _Handle:
         pass
 
 
-def _exchanges_on_the_cpu(world: int, monkeypatch) -> list:
+def _exchanges_on_the_cpu(world: int, monkeypatch, elems: int = 4096) -> list:
     """CopyExchange objects for `world` ranks in this process, their symmetric buffers plain CPU tensors that every
     rank's `_peers` maps, and CUDA's streams and events stubbed: every copy happens when it is queued, in call
     order. What is left is the class's own bookkeeping: regions, offsets, the own group's rows, what each wait
@@ -111,7 +116,7 @@ def _exchanges_on_the_cpu(world: int, monkeypatch) -> list:
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", _Event)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _Stream())
-    elems = 4096
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     buffers = [torch.full((elems * len(REGIONS),), float("nan")) for _ in range(world)]
     exchanges = []
     for rank in range(world):
@@ -154,3 +159,42 @@ def test_copy_exchange_methods_give_every_rank_its_share(world: int, monkeypatch
         assert firsts[r][0] == r
         parts = dict([firsts[r], *gens[r]])
         assert torch.equal(torch.cat([parts[j] for j in range(world)], dim=-2), x[:, tok[r]])
+
+
+@pytest.mark.parametrize("shares", [(None, None), (0.3, 0.4), (0.7, 0.6)])
+def test_a_buffer_of_region_elems_serves_every_exchange_without_growing(shares, monkeypatch):
+    """RankPool sizes the buffer with region_elems for the largest request; every exchange of that size must then
+    fit, since growing it under a job is what the size avoids (on the CPU a growth would fail: it needs CUDA)."""
+    world, total, heads_total = 2, 37, 7
+    sps = [SequenceParallel(r, world, leader_share=shares[0], leader_head_share=shares[1]) for r in range(world)]
+    tokens, heads = sps[0].split_tokens(total), sps[0].split_heads(heads_total)
+    exchanges = _exchanges_on_the_cpu(world, monkeypatch, region_elems(tokens, heads, D))
+    tok, hs = consecutive_slices(tokens), consecutive_slices(heads)
+    x = torch.randn(1, total, heads_total, D)
+    waits = [exchanges[r].seq_to_heads(sps[r].pack_heads(x[:, tok[r]]), (1,), tokens, heads, D, "q", None)
+             for r in range(world)]
+    assert all(torch.equal(waits[r](), x[:, :, hs[r]]) for r in range(world))
+    lin = torch.nn.Linear(8, heads_total * D).requires_grad_(False)
+    inp = torch.randn(1, total, 8)
+    waits = [exchanges[r].linear_to_heads(inp[0, tok[r]], lin.weight, lin.bias, tokens, heads, D, "v", None)
+             for r in range(world)]
+    assert all(torch.allclose(waits[r](), lin(inp).view(1, total, heads_total, D)[:, :, hs[r]], atol=1e-6)
+               for r in range(world))
+    gens = [exchanges[r].heads_to_seq(x[:, :, hs[r]].clone(), tokens, heads) for r in range(world)]
+    firsts = [next(g) for g in gens]
+    for r in range(world):
+        parts = dict([firsts[r], *gens[r]])
+        assert torch.equal(torch.cat([parts[j] for j in range(world)], dim=-2), x[:, tok[r]])
+    # one element less and an exchange has to grow the buffer
+    import torch.distributed._symmetric_memory as symm_mem
+
+    def grow(*args, **kwargs):
+        raise _Grew
+
+    monkeypatch.setattr(symm_mem, "empty", grow)
+    for x_ in exchanges:
+        x_._region_elems -= 1
+    with pytest.raises(_Grew):
+        for r in range(world):
+            exchanges[r].seq_to_heads(sps[r].pack_heads(x[:, tok[r]]), (1,), tokens, heads, D, "q", None)
+            list(exchanges[r].heads_to_seq(x[:, :, hs[r]].clone(), tokens, heads))

@@ -283,9 +283,10 @@ class _FakeCopies:
     def __init__(self, rank, world, device):
         self.rank = rank
 
-    def setup(self):
+    def setup(self, elems):
         if str(self.rank) == os.environ.get("FAIL_RANK"):
             raise RuntimeError("cannot share GPU memory here")
+        self.elems = elems
 
 
 def _copies_worker(rank: int, world: int, port: int, fail_rank: int | None, asked: bool, out) -> None:
@@ -299,7 +300,8 @@ def _copies_worker(rank: int, world: int, port: int, fail_rank: int | None, aske
     copy_exchange.CopyExchange = _FakeCopies
     control = pool_mod._init_group(rank, world, port, "cpu", 60)
     try:
-        out.put((rank, type(pool_mod._copies(rank, world, "cpu", control)).__name__))
+        copies = pool_mod._copies(rank, world, "cpu", control)
+        out.put((rank, type(copies).__name__ + (f" {copies.elems}" if copies is not None else "")))
     except RuntimeError as exc:
         out.put((rank, str(exc)))
 
@@ -316,8 +318,8 @@ def test_every_rank_takes_the_same_exchange(fail_rank, asked):
     got = dict(out.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(60)
-    if fail_rank is None:
-        assert got == {0: "_FakeCopies", 1: "_FakeCopies"}
+    if fail_rank is None:  # sized once for the largest request: 1280x1280 is 19200 tokens, 9600 and 20 heads a rank
+        assert got == {0: "_FakeCopies 49152000", 1: "_FakeCopies 49152000"}
     elif not asked:
         assert got == {0: "NoneType", 1: "NoneType"}
     else:

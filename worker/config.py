@@ -82,6 +82,12 @@ def total_pixel_frames(num_chunks: int) -> int:
     return (CHUNK_LATENT_FRAMES * num_chunks - 1) * VAE_STRIDE[0] + 1
 
 
+def chunk_tokens(width: int, height: int, cfg: DiTConfig) -> int:
+    """The DiT's tokens for one chunk of frames this size: the patch grid of CHUNK_LATENT_FRAMES latent frames."""
+    pt, ph, pw = cfg.patch_size
+    return CHUNK_LATENT_FRAMES // pt * (height // VAE_STRIDE[1] // ph) * (width // VAE_STRIDE[2] // pw)
+
+
 def max_chunks(cfg: DiTConfig) -> int:
     return cfg.rope_max_positions // CHUNK_LATENT_FRAMES
 

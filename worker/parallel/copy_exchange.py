@@ -11,8 +11,11 @@ it over NVLink, no SM is taken. A stream barrier over the ranks then says every 
 
 The receive layouts are exactly those of NCCL's `all_to_all_single` in worker/parallel/sp.py, so everything around
 the exchange is unchanged. The buffer holds four regions, one per exchange of a block-forward (q, k, v and the
-attention output's return), so the three exchanges of q, k and v can be in flight together. It is first set up
-when the rank pool starts (`setup`); where any rank cannot, every rank agrees on NCCL (worker/parallel/pool.py).
+attention output's return), so the three exchanges of q, k and v can be in flight together. It is set up when
+the rank pool starts (`setup`), sized for the largest request, so it never grows under a job: growing it again
+later failed an internal assert of PyTorch 2.11's allocator when done from a second thread, as the leader's rollout
+does (scripts/symm_growth_probe.py, 2 x H200). Where any rank cannot set it up, every rank agrees on NCCL
+(worker/parallel/pool.py).
 
 Why one barrier per exchange is enough: a rank writes a peer's region only after its own side stream has passed
 the barrier of the exchange before it, which the peer reached only after its side stream had waited for its
@@ -68,6 +71,11 @@ def heads_to_seq_offsets(rank: int, tokens: Sequence[int], heads: Sequence[int],
     return [(j, tokens[rank] * sum(heads[:j]) * d) for j in range(len(heads))]
 
 
+def region_elems(tokens: Sequence[int], heads: Sequence[int], d: int, b: int = 1) -> int:
+    """Elements a region must hold for exchanges of these token and head splits, either way."""
+    return b * d * max(sum(tokens) * max(heads), max(tokens) * sum(heads))
+
+
 class CopyExchange:
     """One rank's side of the copy-engine exchanges: its symmetric buffer, the peers' buffers mapped here, and the
     side stream the copies and barriers run on."""
@@ -85,10 +93,11 @@ class CopyExchange:
         # The peers from the next rank on, so that not every rank writes to the same peer at once.
         self._peers_in_turn = [(rank + k) % world for k in range(1, world)]
 
-    def setup(self) -> None:
-        """A first, small buffer (it grows at the first exchange): collective, so that a GPU or container that cannot
-        share memory between processes shows at start-up, where the pool can still choose NCCL."""
-        self._ensure(1 << 16, torch.bfloat16)
+    def setup(self, elems: int) -> None:
+        """The buffer, `elems` per region (region_elems of the largest exchange to come): collective, so that a GPU
+        or container that cannot share memory between processes shows at start-up, where the pool can still
+        choose NCCL. A larger exchange later grows it (`_ensure`), which is what the size here avoids."""
+        self._ensure(elems, torch.bfloat16)
 
     def _ensure(self, elems: int, dtype: torch.dtype) -> None:
         """(Re)allocate the symmetric buffer when a region must hold more. Collective: every rank asks for the same
@@ -159,8 +168,8 @@ class CopyExchange:
                      d: int, tag: str, out: torch.Tensor | None) -> Callable[[], torch.Tensor]:
         """As SequenceParallel.seq_to_heads_async: send is packed (for each rank j, this rank's tokens with rank
         j's heads); each rank receives every rank's tokens with its own heads, rank by rank."""
-        b, total, mine = math.prod(lead), sum(tokens), heads[self.rank]
-        self._ensure(b * total * max(heads) * d, send.dtype)
+        b, mine = math.prod(lead), heads[self.rank]
+        self._ensure(region_elems(tokens, heads, d, b), send.dtype)
         blocks = seq_to_heads_blocks(self.rank, tokens, heads, d, b)
         self._push(send, [blocks[self.rank]] + [blocks[j] for j in self._peers_in_turn], tag)
         return self._finisher(self._barrier(), send, tag, lead, tokens, mine, d, out)
@@ -171,8 +180,8 @@ class CopyExchange:
         """seq_to_heads of x2 @ weight.T + bias ([s, H*D], one leading element), projected one head group at a time:
         the peers' groups first, each pushed as soon as it is made, then this rank's own group straight into its
         own rows of the receive region, while the peers' blocks travel. Same GEMMs, so the same numbers."""
-        total, mine, s = sum(tokens), heads[self.rank], x2.shape[0]
-        self._ensure(total * max(heads) * d, x2.dtype)
+        mine, s = heads[self.rank], x2.shape[0]
+        self._ensure(region_elems(tokens, heads, d), x2.dtype)
         before = sum(tokens[: self.rank])
         groups, blocks = consecutive_slices(heads), seq_to_heads_blocks(self.rank, tokens, heads, d)
         send = x2.new_empty(s * (sum(heads) - mine) * d)
@@ -196,7 +205,7 @@ class CopyExchange:
         (a view of x: nothing to move), then, once they have landed, the peers'."""
         d = x.shape[-1]
         s, before = tokens[self.rank], sum(tokens[: self.rank])
-        self._ensure(max(tokens) * sum(heads) * d, x.dtype)
+        self._ensure(region_elems(tokens, heads, d), x.dtype)
         x = x.contiguous()  # token-major (an attention backend may return a transposed view)
         blocks = heads_to_seq_blocks(self.rank, tokens, heads, d)
         self._push(x.view(-1), [blocks[j] for j in self._peers_in_turn], "o")
