@@ -128,3 +128,28 @@ def test_the_last_chunk_skips_the_cache_refresh(tiny_engine, monkeypatch, chunks
     refreshes = [c for c, cache_only in forwards if cache_only]
     assert refreshes == list(range(chunks - 1)), forwards
     assert len(forwards) == 4 * chunks + chunks - 1
+
+
+def test_a_chunk_is_handed_on_before_its_cache_refresh(tiny_engine, monkeypatch) -> None:
+    """The refresh does not change a chunk's frames, so the chunk goes to its decode first and its refresh is queued
+    when the next chunk starts; a job stopped after a chunk runs no refresh for it."""
+    refreshes: list[int] = []
+    real_forward = tiny_engine.dit.forward
+
+    def forward(x, y, t, text_kv, ctx, *args, cache_only=False, **kwargs):
+        if cache_only:
+            refreshes.append(ctx.start_frame // 3)
+        return real_forward(x, y, t, text_kv, ctx, *args, cache_only=cache_only, **kwargs)
+
+    monkeypatch.setattr(tiny_engine.dit, "forward", forward)
+    job = _job()
+    job.num_chunks, job.camera_actions = 3, [["w"]] * 9
+    with torch.inference_mode():
+        chunks = rollout_mod._denoise_chunks(tiny_engine, job)
+        seen = [(c, list(refreshes)) for c, *_ in chunks]
+        assert seen == [(0, []), (1, [0]), (2, [0, 1])]
+        refreshes.clear()
+        chunks = rollout_mod._denoise_chunks(tiny_engine, job)
+        next(chunks)
+        chunks.close()
+    assert refreshes == []

@@ -7,9 +7,12 @@ Official Fast semantics (reference/fast_rollout.md section 4), per chunk c:
         v  = dit(x, y[c], t)                                 KV cache holds the clean context of earlier chunks
         x0 = x - sigma_first(t) * v                          (float64 math)
         x  = (1 - s') x0 + s' eps   with s' = sigma_second(t_next), eps from the same generator (not after the last)
+    frames = vae.decode_chunk(x0)                            9 frames for chunk 0, then 12
     dit(x0, y[c], t=0)                                       refresh: the cache now holds the CLEAN chunk's K/V
                                                              (not after the job's last chunk: nothing reads it)
-    frames = vae.decode_chunk(x0)                            9 frames for chunk 0, then 12
+
+The refresh does not change the chunk's frames, so it is queued after their decode, at the next chunk's start
+(once every rank has agreed to go on): a chunk's frames come one forward sooner.
 
 Every rank runs this loop in lockstep on identical latents (same seed, same device type); only the leader
 encodes text and the image condition (then broadcasts them). The frames are decoded in bands of rows, one per
@@ -22,6 +25,7 @@ chunk boundary instead of leaving them inside a collective.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import threading
@@ -240,6 +244,7 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
         cache = graphs.cache
     else:
         graphs, cache = None, make_cache()
+    refresh = None  # the chunk before's cache refresh: queued once every rank has agreed on the next chunk
     cameras = job.camera_chunks()
     conditions = engine.condition_stream(job.image, job.num_chunks) if leader else None
     finished = False
@@ -257,6 +262,9 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                 return
             at_boundary = False
             t0 = _mark(dev)
+            if refresh is not None:  # the chunk before's: its frames did not wait for it, and a stop skips it
+                refresh()
+                refresh = None
             y_shape = (1, MASK_CHANNELS + VAE_Z_DIM, CHUNK_LATENT_FRAMES, lat_h, lat_w)
             y = _share(engine, next(conditions) if leader else None, y_shape, torch.float32)
             cond = {"condition_cached": float(engine.vae.condition_at_fixed_point),
@@ -280,15 +288,12 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                     s = sched.renoise_sigmas[i]
                     eps = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
                     x = (1 - s) * x0 + s * eps
-            more = c + 1 < job.num_chunks
-            if more:  # the refresh only serves later chunks: the job's last one skips it (a fifth of its DiT)
-                if replay is not None:
-                    replay.refresh(x0)
-                else:
-                    dit(x0, y, 0, text_kv, ctx, sp, cache_only=True, time_emb=time_emb[0])
-            if replay is None and graphs is not None:
-                graphs.after_eager_chunk(dit, sp, text_kv, ctx, x0, y, time_emb[sched.timesteps[0]], time_emb[0],
-                                         more_chunks=more)
+            # The refresh only serves later chunks: the job's last one skips it (a fifth of its DiT).
+            refresh = functools.partial(_refresh, dit, sp, text_kv, ctx, x0, y, time_emb[sched.timesteps[0]],
+                                        time_emb[0], replay, graphs)
+            if c + 1 == job.num_chunks:
+                refresh(more_chunks=False)
+                refresh = None
             del ctx
             at_boundary = True
             last_done = c
@@ -307,6 +312,21 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
                     _agree_to_continue(engine, stopping=True)
                 except Exception:  # noqa: BLE001 - a broken group is reported by the pool, not here
                     engine.ranks_in_sync = False
+
+
+def _refresh(dit, sp, text_kv, ctx, x0: torch.Tensor, y: torch.Tensor, first_emb: tuple, refresh_emb: tuple,
+             replay, graphs, more_chunks: bool = True) -> None:
+    """A chunk's cache refresh (its clean K/V for the chunks after it; none after the job's last chunk), then
+    the CUDA graph capture the chunk may be due for (which needs the refreshed cache). Queued at the start of
+    the next chunk, after the go, so the chunk's frames are decoded first (on every rank's DiT stream in bands):
+    they no longer wait for a forward that does not change them."""
+    if more_chunks:
+        if replay is not None:
+            replay.refresh(x0)
+        else:
+            dit(x0, y, 0, text_kv, ctx, sp, cache_only=True, time_emb=refresh_emb)
+    if replay is None and graphs is not None:
+        graphs.after_eager_chunk(dit, sp, text_kv, ctx, x0, y, first_emb, refresh_emb, more_chunks=more_chunks)
 
 
 _DONE = object()
