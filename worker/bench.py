@@ -1,8 +1,8 @@
 """`python -m worker bench`: a warm rollout with full-size random weights, timed per chunk.
 
 Reports per chunk and as medians over the steady state (once the attention span sink + window is full):
-DiT ms (4 steps + cache refresh), decode ms, frame-encode ms (JPEG for the stream + H.264 for the MP4),
-end-to-end chunk ms, generated fps, time to first chunk, peak memory per rank, and MFU: the FLOPs we count
+DiT ms (the chunk before's cache refresh + 4 steps), decode ms, frame-encode ms (JPEG for the stream + H.264 for
+the MP4), end-to-end chunk ms, generated fps, time to first chunk, peak memory per rank, and MFU: the FLOPs we count
 for a chunk over the DiT time, against a bf16 matmul peak measured in the same run.
 """
 
@@ -33,23 +33,28 @@ def chunk_tokens(cfg: DiTConfig, lat_h: int, lat_w: int) -> int:
     return CHUNK_LATENT_FRAMES // pt * (lat_h // ph) * (lat_w // pw)
 
 
-def dit_chunk_flops(cfg: DiTConfig, lat_h: int, lat_w: int, kv_frames: int, refresh: bool = True
-                    ) -> dict[str, float]:
-    """Matmul FLOPs of one chunk: 4 denoising forwards + 1 cache refresh, camera adapters once.
+def dit_chunk_flops(cfg: DiTConfig, lat_h: int, lat_w: int, kv_frames: int, refresh: bool = True,
+                    refresh_kv_frames: int | None = None) -> dict[str, float]:
+    """Matmul FLOPs of one chunk's DiT time: 4 denoising forwards + 1 cache refresh, camera adapters once.
 
-    kv_frames: latent frames the chunk's queries attend to (its own 3 included). refresh: False for a job's last
-    chunk, which skips it (worker/rollout.py).
+    kv_frames: latent frames the chunk's queries attend to (its own 3 included). The refresh in a chunk's DiT time
+    is the chunk before's (worker/rollout.py runs it after that chunk's frames): refresh False for chunk 0, which
+    has none; refresh_kv_frames: the span it attends to, the chunk before's (default kv_frames, as when steady).
     """
     _, ph, pw = cfg.patch_size
     n = chunk_tokens(cfg, lat_h, lat_w)
-    nk = kv_frames * (lat_h // ph) * (lat_w // pw)
+    frame = (lat_h // ph) * (lat_w // pw)
     d, f, layers = cfg.dim, cfg.ffn_dim, cfg.num_layers
     linear = 2 * n * d * d * 6 + 2 * n * d * f * 2  # self q,k,v,o + cross q,o; FFN up/down
-    attn = 4 * n * nk * d + 4 * n * cfg.text_len * d  # QK^T + PV for self and cross attention
-    block = linear + attn
+
+    def block_flops(keys: int) -> int:  # QK^T + PV for self and cross attention, and the linears
+        return linear + 4 * n * keys * d + 4 * n * cfg.text_len * d
+
+    block = block_flops(kv_frames * frame)
     steps = len(dmd_schedule().timesteps)
     # the refresh runs every block but the last fully; the last only makes K and V
-    refresh = ((layers - 1) * block + 2 * n * d * d * 3) * refresh
+    refresh_keys = (kv_frames if refresh_kv_frames is None else refresh_kv_frames) * frame
+    refresh = (layers - 1) * block_flops(refresh_keys) + 2 * n * d * d * 3 if refresh else 0
     camera = layers * 4 * 2 * n * d * d + 2 * n * cfg.camera_in_features * d + 2 * 2 * n * d * d
     embed_head = 2 * n * cfg.in_dim * math.prod(cfg.patch_size) * d + 2 * n * d * cfg.out_dim * math.prod(cfg.patch_size)
     total = steps * (layers * block + embed_head) + refresh + camera
@@ -139,7 +144,8 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
             if first_chunk_s is None:
                 first_chunk_s = now - t_start
             kv_frames = min((out.index + 1) * CHUNK_LATENT_FRAMES, sink + window)
-            flops = dit_chunk_flops(cfg, lat_h, lat_w, kv_frames, refresh=out.index + 1 < chunks)["total"]
+            flops = dit_chunk_flops(cfg, lat_h, lat_w, kv_frames, refresh=out.index > 0,
+                                    refresh_kv_frames=min(out.index * CHUNK_LATENT_FRAMES, sink + window))["total"]
             rows.append({
                 "chunk": out.index, "frames": pixel_frames_for_chunk(out.index), "kv_frames": kv_frames,
                 "dit_ms": out.stats["dit_ms"], "decode_ms": out.stats["decode_ms"],
@@ -165,12 +171,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
     peak_tflops = matmul_peak_tflops(dev)
     steady = [r for r in rows if r["kv_frames"] >= min(sink + window, chunks * CHUNK_LATENT_FRAMES) and r["chunk"] > 0]
     steady = steady or rows[1:] or rows
-    # The last chunk has no cache refresh (nothing after it reads the cache): not a steady chunk's DiT.
-    def refreshed(rs: list[dict]) -> list[dict]:
-        return [r for r in rs if r["chunk"] < chunks - 1] or rs
-
-    full = refreshed(steady)
-    med = {k: _median([r[k] for r in full]) for k in ("dit_ms", "dit_tflop")}
+    med = {k: _median([r[k] for r in steady]) for k in ("dit_ms", "dit_tflop")}
     med |= {k: _median([r[k] for r in steady]) for k in ("decode_ms", "encode_ms", "chunk_ms")}
     # The last chunk decodes alone once the DiT has stopped, so its gap to the one before is short (~0.7 s against
     # ~2 s on one H100): it measures the pipeline draining, not a steady chunk. Until v14 it was in the mean,
@@ -180,7 +181,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
     end_to_end_ms = _median(flowing)
     # Long sessions: once the image condition comes from the encoder's fixed point the leader no longer encodes.
     cached = [r for r in steady if r["condition_cached"]]
-    med_cached = {"dit_ms": _median([r["dit_ms"] for r in refreshed(cached)]),
+    med_cached = {"dit_ms": _median([r["dit_ms"] for r in cached]),
                   "chunk_ms": _median([r["chunk_ms"] for r in cached])} if cached else None
     frames_total = sum(r["frames"] for r in rows)
     mfu = med["dit_tflop"] / (med["dit_ms"] / 1e3) / (peak_tflops * ranks)

@@ -12,10 +12,10 @@ it over NVLink, no SM is taken. A stream barrier over the ranks then says every 
 The receive layouts are exactly those of NCCL's `all_to_all_single` in worker/parallel/sp.py, so everything around
 the exchange is unchanged. The buffer holds four regions, one per exchange of a block-forward (q, k, v and the
 attention output's return), so the three exchanges of q, k and v can be in flight together. It is set up when
-the rank pool starts (`setup`), sized for the largest request, so it never grows under a job: growing it again
-later failed an internal assert of PyTorch 2.11's allocator when done from a second thread, as the leader's rollout
-does (scripts/symm_growth_probe.py, 2 x H200). Where any rank cannot set it up, every rank agrees on NCCL
-(worker/parallel/pool.py).
+the rank pool starts (`setup`), sized for the largest request, so it never grows under a job: on 2 x H200 with
+PyTorch 2.11 a second growth from a thread other than the first's, as the leader's rollout runs, never completed
+(scripts/symm_growth_probe.py), and a follower's second growth failed an internal assert of the caching allocator
+(docs/PERFORMANCE.md v26). Where any rank cannot set it up, every rank agrees on NCCL (worker/parallel/pool.py).
 
 Why one barrier per exchange is enough: a rank writes a peer's region only after its own side stream has passed
 the barrier of the exchange before it, which the peer reached only after its side stream had waited for its
