@@ -72,12 +72,18 @@ def check_sequence_parallel(rank: int, w: int, dev: torch.device) -> None:
         print("SequenceParallel with copies == with NCCL (2 splits, q/k/v in flight, into a slot, v by head group, return)")
 
 
-def run(rank: int, a) -> None:
+def init_rank(rank: int, ranks: int) -> torch.device:
+    """This spawned process as rank `rank` of an NCCL group on GPU `rank` (multicast stays off: device_env.sh)."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
-    dist.init_process_group("nccl", rank=rank, world_size=a.ranks, device_id=dev)
+    dist.init_process_group("nccl", rank=rank, world_size=ranks, device_id=dev)
+    return dev
+
+
+def run(rank: int, a) -> None:
+    dev = init_rank(rank, a.ranks)
     import torch.distributed._symmetric_memory as symm_mem
 
     w, d = a.ranks, 128

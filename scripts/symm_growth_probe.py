@@ -19,16 +19,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def run(rank: int, a) -> None:
+    from exchange_probe import init_rank
     from worker.parallel.copy_exchange import CopyExchange
     from worker.parallel.sp import SequenceParallel
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    torch.cuda.set_device(rank)
-    dev = torch.device("cuda", rank)
-    dist.init_process_group("nccl", rank=rank, world_size=a.ranks, device_id=dev)
+    dev = init_rank(rank, a.ranks)
     copies = CopyExchange(rank, a.ranks, dev)
-    copies.setup()
+    copies.setup(1 << 16)  # small, so that every exchange below grows it
     plain, fast = SequenceParallel(rank, a.ranks), SequenceParallel(rank, a.ranks, copies=copies)
     errors = []
 
