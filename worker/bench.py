@@ -171,8 +171,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
     peak_tflops = matmul_peak_tflops(dev)
     steady = [r for r in rows if r["kv_frames"] >= min(sink + window, chunks * CHUNK_LATENT_FRAMES) and r["chunk"] > 0]
     steady = steady or rows[1:] or rows
-    med = {k: _median([r[k] for r in steady]) for k in ("dit_ms", "dit_tflop")}
-    med |= {k: _median([r[k] for r in steady]) for k in ("decode_ms", "encode_ms", "chunk_ms")}
+    med = {k: _median([r[k] for r in steady]) for k in ("dit_ms", "dit_tflop", "decode_ms", "encode_ms", "chunk_ms")}
     # The last chunk decodes alone once the DiT has stopped, so its gap to the one before is short (~0.7 s against
     # ~2 s on one H100): it measures the pipeline draining, not a steady chunk. Until v14 it was in the mean,
     # which put the end-to-end figure ~100 ms under the DiT time (docs/PERFORMANCE.md). The median of the rest
