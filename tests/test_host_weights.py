@@ -72,3 +72,28 @@ def test_lent_points_every_weight_at_the_copy_and_back() -> None:
     with pytest.raises(ValueError), hw.lent("cpu"):
         raise ValueError("a failing call")
     assert all(_inside(hw.host, t) for t in _weights(m))
+
+
+@pytest.mark.parametrize("tied_names", [("emb.weight",), ("emb.weight", "head.weight")])
+def test_reads_a_meta_built_module_straight_from_its_files(tmp_path, tied_names) -> None:
+    """files=: the module built on the meta device, every weight read from safetensors files into its place (a
+    parameter, an int64 buffer, a bf16 weight stored as fp32 and cast), the tied weight under one or both names
+    one tensor, and the result the module's forward as the original's."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    m = Mixed()
+    state = {n: t.clone() for n, t in m.state_dict().items() if n != "head.weight" or n in tied_names}
+    state["proj.weight"] = state["proj.weight"].float()  # another dtype on disk: cast on the way in
+    save_file({n: state[n] for n in list(state)[:2]}, tmp_path / "a.safetensors")
+    save_file({n: state[n] for n in list(state)[2:]}, tmp_path / "b.safetensors")
+    with torch.device("meta"):
+        meta = Mixed()
+    hw = HostWeights(meta, sorted(tmp_path.glob("*.safetensors")))
+    assert meta.head.weight is meta.emb.weight and all(_inside(hw.host, t) for t in _weights(meta))
+    want = m.state_dict()
+    assert all(torch.equal(t, want[n]) for n, t in meta.state_dict().items())
+    ids = torch.tensor([1, 4, 9])
+    assert torch.equal(meta(ids), m(ids))
+    with hw.lent("cpu"):
+        assert torch.equal(meta(ids), m(ids))

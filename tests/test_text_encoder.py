@@ -128,8 +128,8 @@ def test_load_from_diffusers_layout(tmp_path, enc: TextEncoder) -> None:
 
 def test_build_lock_covers_the_build_not_the_packing(tmp_path, monkeypatch, enc: TextEncoder) -> None:
     """Engine.load passes prewarm.exclusive() as build_lock: transformers changes the default dtype while it builds
-    the model, so the prewarm's replay must wait then; packing an offloaded encoder into host RAM changes no
-    process state, and the replay goes on meanwhile."""
+    the model, so the prewarm's replay must wait then; reading an offloaded encoder's weights into host RAM changes
+    no process state, and the replay goes on meanwhile."""
     import threading
 
     from worker.models import text_encoder
@@ -138,18 +138,95 @@ def test_build_lock_covers_the_build_not_the_packing(tmp_path, monkeypatch, enc:
     enc.tokenizer.save_pretrained(tmp_path / "tokenizer")
     lock = threading.Lock()
     held = {}
-    build, pack = text_encoder.UMT5EncoderModel.from_pretrained, text_encoder.HostWeights.__init__
+    read = text_encoder.HostWeights.__init__
 
-    def building(*args, **kwargs):
-        held["build"] = lock.locked()
-        return build(*args, **kwargs)
+    class Building(text_encoder.UMT5EncoderModel):
+        def __init__(self, *args, **kwargs):
+            held["build"] = lock.locked()
+            super().__init__(*args, **kwargs)
 
-    def packing(self, module):
-        held["pack"] = lock.locked()
-        pack(self, module)
+    def reading(self, module, files=None):
+        held["read"] = lock.locked()
+        read(self, module, files)
 
-    monkeypatch.setattr(text_encoder.UMT5EncoderModel, "from_pretrained", building)
-    monkeypatch.setattr(text_encoder.HostWeights, "__init__", packing)
+    monkeypatch.setattr(text_encoder, "UMT5EncoderModel", Building)
+    monkeypatch.setattr(text_encoder.HostWeights, "__init__", reading)
     loaded = load_text_encoder(tmp_path, torch.float32, "cpu", build_lock=lock, offload=True)
-    assert held == {"build": True, "pack": False} and not lock.locked()
+    assert held == {"build": True, "read": False} and not lock.locked()
     assert torch.equal(loaded.encode("a boat"), enc.encode("a boat"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offloaded_weights_are_read_straight_into_host_ram(tmp_path, dtype, enc: TextEncoder) -> None:
+    """Offloaded, the encoder is built on the meta device and its files are read into the host buffer (cast where
+    the file's dtype differs): the same weights as from_pretrained's, bit for bit, the tied embedding one tensor,
+    from one file or from shards."""
+    from worker.models.host_weights import HostWeights
+
+    enc.model.save_pretrained(tmp_path / "one" / "text_encoder")
+    enc.model.save_pretrained(tmp_path / "shards" / "text_encoder", max_shard_size="20KB")
+    assert len(list((tmp_path / "shards" / "text_encoder").glob("*.safetensors"))) > 1
+    want = {k: v.to(dtype) for k, v in enc.model.state_dict().items()}
+    for folder in ("one", "shards"):
+        enc.tokenizer.save_pretrained(tmp_path / folder / "tokenizer")
+        got = load_text_encoder(tmp_path / folder, dtype, "cpu", offload=True)
+        assert isinstance(got.host_weights, HostWeights) and got.offloaded
+        model = got.model
+        assert model.shared.weight is model.encoder.embed_tokens.weight
+        state = model.state_dict()
+        assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
+        assert all(p.device.type == "cpu" and p.untyped_storage().data_ptr() == got.host_weights.host.data_ptr()
+                   for p in model.parameters())
+    plain = load_text_encoder(tmp_path / "one", dtype, "cpu")
+    assert torch.equal(got.encode("a boat on a lake"), plain.encode("a boat on a lake"))
+
+
+def test_bad_encoder_files_name_the_tensor(tmp_path, enc: TextEncoder) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from worker.models.loading import WeightsError
+
+    enc.model.save_pretrained(tmp_path / "text_encoder")
+    enc.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    path = tmp_path / "text_encoder" / "model.safetensors"
+    good = load_file(path)
+    layer = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    cases = [
+        ({k: v for k, v in good.items() if k != layer}, f"missing from .*'{layer}'"),
+        ({**good, "encoder.extra.weight": torch.zeros(2)}, "unexpected tensor 'encoder.extra.weight'"),
+        ({**good, layer: good[layer][:, :-1].contiguous()}, f"shape mismatch for '{layer}'"),
+    ]
+    for tensors, match in cases:
+        save_file(tensors, path)
+        with pytest.raises(WeightsError, match=match):
+            load_text_encoder(tmp_path, torch.float32, "cpu", offload=True)
+    save_file(good, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(WeightsError, match="truncated"):
+        load_text_encoder(tmp_path, torch.float32, "cpu", offload=True)
+
+
+def test_a_tied_weight_stored_twice_with_other_values_loads_as_transformers_does(tmp_path, caplog,
+                                                                                  enc: TextEncoder) -> None:
+    """The embedding is one tensor in the model under two names. Stored twice with equal values it is read once
+    and checked; stored with different values transformers unties the two, so the direct read gives way to
+    from_pretrained (warning), and the encoder is what transformers makes of the files."""
+    from safetensors.torch import load_file, save_file
+
+    enc.model.save_pretrained(tmp_path / "text_encoder")
+    enc.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    path = tmp_path / "text_encoder" / "model.safetensors"
+    tensors = load_file(path)
+    assert "encoder.embed_tokens.weight" not in tensors  # transformers stores a tied weight once
+    tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"].clone()
+    save_file(tensors, path)
+    assert load_text_encoder(tmp_path, torch.float32, "cpu", offload=True).host_weights.nbytes < path.stat().st_size
+    tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"] * 2
+    save_file(tensors, path)
+    with caplog.at_level("WARNING", logger="worker.text_encoder"):
+        got = load_text_encoder(tmp_path, torch.float32, "cpu", offload=True)
+    assert "differ" in caplog.text and got.offloaded
+    plain = load_text_encoder(tmp_path, torch.float32, "cpu")
+    assert plain.model.shared.weight is not plain.model.encoder.embed_tokens.weight
+    assert torch.equal(got.encode("a boat"), plain.encode("a boat"))

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
 from worker.config import DiTConfig
-from worker.models.host_weights import HostWeights
+from worker.models.host_weights import HostWeights, TiedWeightsDiffer
 
 log = logging.getLogger("worker.text_encoder")
 
@@ -46,7 +46,8 @@ class TextEncoder:
     """Prompt -> [n_tokens, d_model] embeddings, with an LRU cache (CPU) of recent prompts.
 
     With `offload` the weights live in host RAM (`HostWeights`) and are lent to `device` for each prompt the
-    cache misses: an upload of 11.4 GB at full size, and nothing copied back.
+    cache misses: an upload of 11.4 GB at full size, and nothing copied back. `host_weights`: the model's weights
+    already packed there (load_text_encoder reads them from the files straight into the buffer); implies offload.
     """
 
     def __init__(
@@ -57,7 +58,9 @@ class TextEncoder:
         text_len: int = TEXT_LEN,
         cache_size: int = 16,
         offload: bool = False,
+        host_weights: HostWeights | None = None,
     ) -> None:
+        offload = offload or host_weights is not None
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -65,7 +68,7 @@ class TextEncoder:
             self.model.to(self.device)
         self.text_len = text_len
         self.cache_size = cache_size
-        self.host_weights = HostWeights(self.model) if offload else None
+        self.host_weights = host_weights or (HostWeights(self.model) if offload else None)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -150,9 +153,25 @@ def load_text_encoder(
 ) -> TextEncoder:
     """Load `folder/text_encoder` + `folder/tokenizer` (diffusers layout), local files only. `build_lock` is held
     only while transformers builds the model (it changes the process's default dtype meanwhile), not while an
-    offloaded encoder is packed into host RAM."""
+    offloaded encoder's weights are read into host RAM.
+
+    Offloaded, the model is built on the meta device and its safetensors files are read straight into the host
+    buffer: one copy of the weights made once, where from_pretrained and packing made two (docs/PERFORMANCE.md
+    v26)."""
     folder = Path(folder)
-    with build_lock or contextlib.nullcontext():
-        model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
+    files = sorted((folder / "text_encoder").glob("*.safetensors"))
+    model = None
+    if enc_kw.get("offload") and files:
+        config = UMT5Config.from_pretrained(folder / "text_encoder", local_files_only=True)
+        with build_lock or contextlib.nullcontext(), torch.device("meta"):
+            model = UMT5EncoderModel(config).to(dtype)
+        try:
+            enc_kw = {**enc_kw, "host_weights": HostWeights(model, files)}
+        except TiedWeightsDiffer as exc:  # transformers unties them: its load, then the packing
+            log.warning("text encoder: %s; loading it with from_pretrained", exc)
+            model = None
+    if model is None:
+        with build_lock or contextlib.nullcontext():
+            model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     return TextEncoder(model, tok, device=device, **enc_kw)
