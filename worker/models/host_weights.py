@@ -5,7 +5,7 @@ host RAM between prompts. Moving it with `module.to("cpu")` copies 11 GB back in
 memory after every prompt, although the weights never change. Here the master copy is one host buffer,
 page-locked where CUDA allows (so the upload is one DMA at the link's speed), and the GPU copy is simply dropped
 after the call. The buffer is filled either from the module's own tensors or, for a module built on the meta
-device, straight from its safetensors files (one read per tensor into its place, no module copy first).
+device, straight from its safetensors files (each tensor copied from the mapped file into its place).
 """
 
 from __future__ import annotations
