@@ -166,6 +166,9 @@ def test_offloaded_weights_are_read_straight_into_host_ram(tmp_path, dtype, enc:
     enc.model.save_pretrained(tmp_path / "one" / "text_encoder")
     enc.model.save_pretrained(tmp_path / "shards" / "text_encoder", max_shard_size="20KB")
     assert len(list((tmp_path / "shards" / "text_encoder").glob("*.safetensors"))) > 1
+    from safetensors.torch import save_file  # a stray file the index does not name is not read, as in transformers
+
+    save_file({"stray.weight": torch.zeros(3)}, tmp_path / "shards" / "text_encoder" / "stray.safetensors")
     want = {k: v.to(dtype) for k, v in enc.model.state_dict().items()}
     for folder in ("one", "shards"):
         enc.tokenizer.save_pretrained(tmp_path / folder / "tokenizer")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import json
 import logging
 import re
 import threading
@@ -159,7 +160,7 @@ def load_text_encoder(
     buffer: one copy of the weights made once, where from_pretrained and packing made two (docs/PERFORMANCE.md
     v26)."""
     folder = Path(folder)
-    files = sorted((folder / "text_encoder").glob("*.safetensors"))
+    files = _weight_files(folder / "text_encoder")
     model = None
     if enc_kw.get("offload") and files:
         config = UMT5Config.from_pretrained(folder / "text_encoder", local_files_only=True)
@@ -175,3 +176,11 @@ def load_text_encoder(
             model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     return TextEncoder(model, tok, device=device, **enc_kw)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files transformers would load from `folder`: those its index names, else the one file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
