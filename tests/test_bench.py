@@ -47,7 +47,8 @@ def test_bench_reports_every_figure(tiny_engine, tmp_path) -> None:
     tiny = PRESETS["tiny"].dit
     assert rows[0]["dit_tflop"] * 1e12 == pytest.approx(dit_chunk_flops(tiny, 6, 8, 3, refresh=False)["total"])
     assert rows[1]["dit_tflop"] * 1e12 == pytest.approx(dit_chunk_flops(tiny, 6, 8, 6, refresh_kv_frames=3)["total"])
-    assert rows[0]["dit_tflop"] < rows[1]["dit_tflop"] < rows[2]["dit_tflop"] < rows[3]["dit_tflop"] == rows[-1]["dit_tflop"]
+    tflop = [r["dit_tflop"] for r in rows]
+    assert tflop[0] < tflop[1] < tflop[2] < tflop[3] == tflop[-1]
     assert res["median"]["dit_ms"] == pytest.approx(statistics.median(r["dit_ms"] for r in rows[2:]))
     # The condition encoder reaches its fixed point within the rollout and stays there.
     cached = [r["condition_cached"] for r in rows]

@@ -1,6 +1,7 @@
 """The copy-engine exchange on the CPU: its copy plans carried out between plain buffers give NCCL's all-to-all
-layouts, and so do CopyExchange's own methods with CUDA's streams stubbed. (The transport itself, symmetric memory and copy engines, needs GPUs: scripts/exchange_probe.py
-checks it against NCCL bit for bit on two of them, docs/PERFORMANCE.md v25.)"""
+layouts, and so do CopyExchange's own methods with CUDA's streams stubbed. (The transport itself, symmetric memory
+and copy engines, needs GPUs: scripts/exchange_probe.py checks it against NCCL bit for bit on two of them,
+docs/PERFORMANCE.md v25.)"""
 
 from __future__ import annotations
 
