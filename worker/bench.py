@@ -229,7 +229,8 @@ def print_table(res: dict) -> None:
         print(f"steady with the condition at its fixed point (chunks {cc[0]}..{cc[-1]}, no encoder work): "
               f"DiT median {mc['dit_ms']:.1f} ms")
     print(f"first chunk {res['first_chunk_s']:.3f} s; MFU {100 * res['mfu']:.1f}% of "
-          f"{res['matmul_peak_tflops']:.0f} TFLOP/s x {res['ranks']}; peak memory GiB per rank {res['peak_memory_gib']}")
+          f"{res['matmul_peak_tflops']:.3g} TFLOP/s x {res['ranks']}; "
+          f"peak memory GiB per rank {res['peak_memory_gib']}")
     if res["ranks"] > 1:
         print(f"split per rank: tokens {res['sp_split']['tokens']}, heads {res['sp_split']['heads']}")
     if res["graph_replay_chunks"]:
