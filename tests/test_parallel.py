@@ -300,7 +300,7 @@ def _copies_worker(rank: int, world: int, port: int, fail_rank: int | None, aske
     copy_exchange.CopyExchange = _FakeCopies
     control = pool_mod._init_group(rank, world, port, "cpu", 60)
     try:
-        copies = pool_mod._copies(rank, world, "cpu", control)
+        copies = pool_mod._with_copies(SequenceParallel(rank, world, control=control), "cpu").copies
         out.put((rank, type(copies).__name__ + (f" {copies.elems}" if copies is not None else "")))
     except RuntimeError as exc:
         out.put((rank, str(exc)))

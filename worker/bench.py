@@ -20,17 +20,12 @@ from pathlib import Path
 import torch
 
 from worker import media
-from worker.config import CHUNK_LATENT_FRAMES, DiTConfig, VAE_STRIDE, pixel_frames_for_chunk
+from worker.config import CHUNK_LATENT_FRAMES, DiTConfig, VAE_STRIDE, chunk_tokens, pixel_frames_for_chunk
 from worker.models import chunk_graphs
 from worker.models.attention import active_backend
 from worker.parallel.sp import decode_split
 from worker.rollout import RolloutJob, decode_priority
 from worker.schedule import dmd_schedule
-
-
-def chunk_tokens(cfg: DiTConfig, lat_h: int, lat_w: int) -> int:
-    pt, ph, pw = cfg.patch_size
-    return CHUNK_LATENT_FRAMES // pt * (lat_h // ph) * (lat_w // pw)
 
 
 def dit_chunk_flops(cfg: DiTConfig, lat_h: int, lat_w: int, kv_frames: int, refresh: bool = True,

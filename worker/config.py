@@ -82,10 +82,10 @@ def total_pixel_frames(num_chunks: int) -> int:
     return (CHUNK_LATENT_FRAMES * num_chunks - 1) * VAE_STRIDE[0] + 1
 
 
-def chunk_tokens(width: int, height: int, cfg: DiTConfig) -> int:
-    """The DiT's tokens for one chunk of frames this size: the patch grid of CHUNK_LATENT_FRAMES latent frames."""
+def chunk_tokens(cfg: DiTConfig, lat_h: int, lat_w: int) -> int:
+    """The DiT's tokens for one chunk at this latent size: the patch grid of CHUNK_LATENT_FRAMES latent frames."""
     pt, ph, pw = cfg.patch_size
-    return CHUNK_LATENT_FRAMES // pt * (height // VAE_STRIDE[1] // ph) * (width // VAE_STRIDE[2] // pw)
+    return CHUNK_LATENT_FRAMES // pt * (lat_h // ph) * (lat_w // pw)
 
 
 def max_chunks(cfg: DiTConfig) -> int:

@@ -231,10 +231,12 @@ class ShardSet:
     index: Path | None = None
 
 
-def find_shards(transformer_dir: str | Path) -> ShardSet:
-    """Shard files of a transformer folder: from its index json, else the single safetensors file."""
+def find_shards(transformer_dir: str | Path, index_name: str = INDEX_NAME, single_name: str = SINGLE_NAME
+                ) -> ShardSet:
+    """Shard files of a transformer folder: from its index json, else the single safetensors file (diffusers'
+    names by default; transformers' for a text encoder)."""
     d = Path(transformer_dir)
-    idx = d / INDEX_NAME
+    idx = d / index_name
     if idx.is_file():
         try:
             weight_map = json.loads(idx.read_text())["weight_map"]
@@ -245,9 +247,9 @@ def find_shards(transformer_dir: str | Path) -> ShardSet:
         if missing:
             raise WeightsError(f"index {idx} points to missing shard file(s): {', '.join(missing)}")
         return ShardSet([d / n for n in names], weight_map, idx)
-    if (d / SINGLE_NAME).is_file():
-        return ShardSet([d / SINGLE_NAME])
-    raise WeightsError(f"no {INDEX_NAME} or {SINGLE_NAME} in {d}")
+    if (d / single_name).is_file():
+        return ShardSet([d / single_name])
+    raise WeightsError(f"no {index_name} or {single_name} in {d}")
 
 
 def _slot(module: nn.Module, name: str) -> tuple[nn.Module, str, bool]:

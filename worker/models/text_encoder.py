@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import json
 import logging
 import re
 import threading
@@ -22,6 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT
 
 from worker.config import DiTConfig
 from worker.models.host_weights import HostWeights, TiedWeightsDiffer
+from worker.models.loading import find_shards
 
 log = logging.getLogger("worker.text_encoder")
 
@@ -159,10 +159,10 @@ def load_text_encoder(
     Offloaded, the model is built on the meta device and its safetensors files are read straight into the host
     buffer: one copy of the weights made once, where from_pretrained and packing made two (docs/PERFORMANCE.md
     v26)."""
-    folder = Path(folder)
-    files = _weight_files(folder / "text_encoder")
-    model = None
-    if enc_kw.get("offload") and files:
+    folder, model = Path(folder), None
+    names = ("model.safetensors.index.json", "model.safetensors")  # transformers' (not .bin: from_pretrained's)
+    if enc_kw.get("offload") and any((folder / "text_encoder" / n).is_file() for n in names):
+        files = find_shards(folder / "text_encoder", *names).files
         config = UMT5Config.from_pretrained(folder / "text_encoder", local_files_only=True)
         with build_lock or contextlib.nullcontext(), torch.device("meta"):
             model = UMT5EncoderModel(config).to(dtype)
@@ -176,11 +176,3 @@ def load_text_encoder(
             model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     return TextEncoder(model, tok, device=device, **enc_kw)
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors files transformers would load from `folder`: those its index names, else the one file."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []

@@ -25,7 +25,15 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from worker.config import CHUNK_LATENT_FRAMES, DEFAULT_KV_SINK, DEFAULT_KV_WINDOW, DEFAULT_SIZE, FULL, chunk_tokens
+from worker.config import (
+    CHUNK_LATENT_FRAMES,
+    DEFAULT_KV_SINK,
+    DEFAULT_KV_WINDOW,
+    DEFAULT_SIZE,
+    FULL,
+    VAE_STRIDE,
+    chunk_tokens,
+)
 from worker.engine import Engine, default_device
 from worker.models import chunk_graphs
 from worker.models.attention import backend_setting as attention_backend_setting
@@ -70,21 +78,21 @@ def _init_group(rank: int, world: int, port: int, device: str, timeout_s: float)
     return dist.new_group(backend="gloo", timeout=timeout)
 
 
-def _copies(rank: int, world: int, device: str, control, shares: tuple[float | None, float | None] = (None, None)):
-    """The copy-engine exchange where exchange_kind picks it and every rank could set it up; else None (NCCL).
-    Every rank calls this at the same point and they agree over `control`, so all of them use the same exchange:
-    a container that cannot share GPU memory between processes falls back to NCCL with a warning, unless
-    LINGBOT_SP_EXCHANGE=copy asked for the copies, which then fails the start naming the setting. Its buffer is
-    sized for the full-size model's largest request under these token and head `shares` (393 MB a rank on 2
-    GPUs at 1280x1280), so that no job grows it."""
+def _with_copies(sp: SequenceParallel, device: str) -> SequenceParallel:
+    """`sp` with the copy-engine exchange where exchange_kind picks it and every rank could set it up; else `sp`
+    (NCCL). Every rank calls this at the same point and they agree over `sp.control`, so all of them use the same
+    exchange: a container that cannot share GPU memory between processes falls back to NCCL with a warning,
+    unless LINGBOT_SP_EXCHANGE=copy asked for the copies, which then fails the start naming the setting. Its
+    buffer is sized for the full-size model's largest request under sp's token and head split (393 MB a rank on
+    2 GPUs at 1280x1280), so that no job grows it."""
+    rank, world, control = sp.rank, sp.world, sp.control
     if exchange_kind(device, world) != "copy":
-        return None
+        return sp
     from worker.parallel import copy_exchange
 
     cfg, (width, height) = FULL.dit, FULL.max_size
-    sp = SequenceParallel(rank, world, leader_share=shares[0], leader_head_share=shares[1])
-    elems = copy_exchange.region_elems(sp.split_tokens(chunk_tokens(width, height, cfg)),
-                                       sp.split_heads(cfg.num_heads), cfg.head_dim)
+    tokens = chunk_tokens(cfg, height // VAE_STRIDE[1], width // VAE_STRIDE[2])
+    elems = copy_exchange.region_elems(sp.split_tokens(tokens), sp.split_heads(cfg.num_heads), cfg.head_dim)
     copies, reason = copy_exchange.CopyExchange(rank, world, device), ""
     try:
         copies.setup(elems)
@@ -93,13 +101,13 @@ def _copies(rank: int, world: int, device: str, control, shares: tuple[float | N
     ok = torch.tensor([int(copies is not None)])
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=control)
     if ok.item():
-        return copies
+        return replace(sp, copies=copies)
     reason = reason or "it failed on another rank"
     if exchange_asked() == "copy":
         raise RuntimeError(f"LINGBOT_SP_EXCHANGE=copy: the copy-engine exchange could not be set up ({reason}); "
                            "set LINGBOT_SP_EXCHANGE=nccl")
     log.warning("rank %d: the copy-engine exchange could not be set up (%s): NCCL all-to-alls instead", rank, reason)
-    return None
+    return sp
 
 
 def _share_cpu(world: int) -> None:
@@ -120,8 +128,8 @@ def _follower_main(rank: int, world: int, port: int, model: str | None, device: 
     try:
         control = _init_group(rank, world, port, device, timeout_s)
         dev = f"cuda:{rank}" if device.startswith("cuda") else device
-        sp = SequenceParallel(rank, world, control=control, leader_share=shares[0], leader_head_share=shares[1],
-                              copies=_copies(rank, world, dev, control, shares))
+        sp = _with_copies(SequenceParallel(rank, world, control=control, leader_share=shares[0],
+                                           leader_head_share=shares[1]), dev)
         engine = Engine.load(model, device=dev, dtype=dtype, sp=sp, text_encoder=text_encoder)
         conn.send(("ready", None))
     except BaseException as exc:  # noqa: BLE001 - report, then die
@@ -258,8 +266,8 @@ class RankPool:
             if device.startswith("cuda"):  # on the CPU this process's pool is the tests' too: left alone
                 _share_cpu(ranks)
             dev = "cuda:0" if device.startswith("cuda") else device
-            sp = SequenceParallel(0, ranks, control=control, leader_share=share, leader_head_share=head_share,
-                                  copies=_copies(0, ranks, dev, control, (share, head_share)))
+            sp = _with_copies(SequenceParallel(0, ranks, control=control, leader_share=share,
+                                               leader_head_share=head_share), dev)
             engine = Engine.load(model, device=dev, dtype=dtype, sp=sp, text_encoder=text_encoder)
             if engine.dit.cfg.num_heads < ranks:
                 raise ValueError(f"ranks: {ranks} is more than the {engine.dit.cfg.num_heads} attention heads")
