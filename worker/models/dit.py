@@ -20,6 +20,7 @@ With sequence parallelism every rank runs the blocks on its share of the tokens 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterable, Sequence
@@ -38,10 +39,9 @@ from worker.models.fused import (
     modulated_norm,
     residual_modulated_norm,
     rms_norm,
-    rms_norm_rope,
-    rms_norm_rope_packed,
 )
 from worker.models.kv_cache import KVCache
+from worker.models.qk_norm_rope import qk_norm_rope
 from worker.parallel.sp import SINGLE, SequenceParallel, consecutive_slices
 from worker.transfer import to_device
 
@@ -131,23 +131,35 @@ class SelfAttention(Attention):
     ) -> torch.Tensor | None:
         b, s, _ = x.shape
         hd = (self.num_heads, self.head_dim)
+        norm_rope = functools.partial(qk_norm_rope, cos=ctx.cos, sin=ctx.sin)
+        slots = ctx.cache.chunk_slots(layer) if ctx.cache is not None else None
         if not sp.enabled:
-            # RMSNorm (across all heads) and RoPE in one pass over q and over k
-            q = rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, ctx.cos, ctx.sin, self.num_heads)
-            k = rms_norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, ctx.cos, ctx.sin, self.num_heads)
-            v = self.v(x).view(b, s, *hd)
-            if ctx.cache is not None:
-                k, v = ctx.cache.write(layer, k, v)
+            # RMSNorm (across all heads) and RoPE in one pass over q and over k; k and v written straight into the
+            # chunk's cache slots where they are one run of slots (else copied there by cache.write).
+            groups = (self.num_heads,)
+            q = norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, groups=groups).view(b, s, *hd)
+            k = norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, groups=groups,
+                          out=slots[0] if slots else None).view(b, s, *hd)
+            if slots:
+                if isinstance(self.v, nn.Linear):
+                    torch.addmm(self.v.bias, x.reshape(-1, x.shape[-1]), self.v.weight.t(),
+                                out=slots[1].view(-1, slots[1].shape[-2] * slots[1].shape[-1]))
+                else:  # FP8 linears
+                    slots[1].copy_(self.v(x).view_as(slots[1]))
+                k, v = ctx.cache.visible(layer)
+            else:
+                v = self.v(x).view(b, s, *hd)
+                if ctx.cache is not None:
+                    k, v = ctx.cache.write(layer, k, v)
         else:
             # Each rank norms and rotates its own tokens (the norm needs every head, which only the sender has),
             # writing q and k in the exchange's send layout; v's projection writes it per head group. q's
             # exchange runs while k and v are projected. K and V arrive straight in this chunk's cache slots.
             groups = sp.split_heads(self.num_heads)
             shape = (b, s, *hd)
-            slots = ctx.cache.chunk_slots(layer) if ctx.cache is not None else None
-            q = sp.seq_to_heads_async(rms_norm_rope_packed(self.q(x), self.norm_q.weight, self.norm_q.eps, ctx.cos,
-                                                           ctx.sin, groups), shape, ctx.num_tokens, tag="q")
-            k = rms_norm_rope_packed(self.k(x), self.norm_k.weight, self.norm_k.eps, ctx.cos, ctx.sin, groups)
+            q = sp.seq_to_heads_async(norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, groups=groups),
+                                      shape, ctx.num_tokens, tag="q")
+            k = norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, groups=groups)
             k = sp.seq_to_heads_async(k, shape, ctx.num_tokens, out=slots[0] if slots else None, tag="k")
             v_out = slots[1] if slots else None
             v = sp.linear_to_heads_async(x, self.v.weight, self.v.bias, self.num_heads, ctx.num_tokens, out=v_out,
