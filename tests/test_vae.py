@@ -297,6 +297,84 @@ def test_upsampling_in_bf16_is_bit_identical(monkeypatch) -> None:
     _assert_streamed_decode_equal(plain, patched, watch)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_subpixel_upsample_conv_is_upsample_then_conv(memory_format) -> None:
+    """One upsampler's conv on the low-resolution input (four phases, interleaved) against nearest 2x + 3x3 conv,
+    in the input's memory format (channels-last on CUDA); every output value written (poisoned otherwise)."""
+    from worker.models import vae as vae_mod
+
+    g = torch.Generator().manual_seed(4)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+    x = torch.randn(2, 6, 7, 9, generator=g).contiguous(memory_format=memory_format)
+    want = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest-exact"))
+    real_empty = torch.empty
+
+    def poisoned(*a, **kw):
+        return real_empty(*a, **kw).fill_(float("nan"))
+
+    weight, bias = vae_mod._subpixel_weights(conv.weight.detach(), conv.bias.detach())
+    torch.empty = poisoned
+    try:
+        got = vae_mod._subpixel_forward(weight, bias, x)
+    finally:
+        torch.empty = real_empty
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous(memory_format=memory_format)
+    # the phases matter: swapping two of them breaks it
+    swapped = weight.view(5, 4, 6, 3, 3)[:, [1, 0, 2, 3]].reshape(20, 6, 3, 3)
+    assert not torch.allclose(vae_mod._subpixel_forward(swapped, bias, x), want, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_subpixel_upsamplers_decode_like_diffusers(dtype: torch.dtype) -> None:
+    """All CUDA patches with the upsamplers as low-resolution convs: the streamed decode matches diffusers' modules
+    to fp32 rounding (the phases' weights are summed once), at bf16 to bf16 rounding; the weights and state_dict
+    are untouched."""
+    from worker.models import vae as vae_mod
+
+    patches = (vae_mod._fuse_norm_passes, vae_mod._pad_inside_convs, vae_mod._upsample_in_own_dtype)
+    plain, patched = _plain_and_patched(dtype, *patches, vae_mod._subpixel_upsamplers)
+    reference = _plain_and_patched(dtype, *patches)[1]  # the same patches without this one
+    assert patched.vae.state_dict().keys() == reference.vae.state_dict().keys()
+    z = torch.randn(VAE_Z_DIM, 3 * NUM_CHUNKS, 8, 8, generator=torch.Generator().manual_seed(3))
+    for s in (plain, patched, reference):
+        s.start_decode()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for k in range(NUM_CHUNKS):
+        part = z[:, 3 * k : 3 * k + 3]
+        ref, out, without = plain.decode_chunk(part), patched.decode_chunk(part), reference.decode_chunk(part)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+        if dtype == torch.float32:
+            assert not torch.equal(out, without)  # the patch ran
+        assert out.shape == ref.shape
+
+
+@pytest.mark.parametrize("bands", [[(0, 24), (24, 48)], [(0, 7), (7, 31), (31, 48)]])
+def test_row_bands_with_subpixel_upsamplers(bands: list[tuple[int, int]]) -> None:
+    """Bands decoded with the low-resolution upsampler convs stack to the whole frames of the same model: the band
+    margins hold for them too (an output row's phase reads the same input rows the upsampled conv did)."""
+    from worker.models import vae as vae_mod
+
+    def model():
+        m = build_vae(PRESETS["tiny"].vae, torch.float32, "cpu", seed=0)
+        vae_mod._subpixel_upsamplers(m)
+        return StreamingVAE(m)
+
+    z = _latents(4)
+    whole = model()
+    whole.start_decode()
+    ref = torch.cat([whole.decode_chunk(z[:, 3 * k : 3 * k + 3]) for k in range(NUM_CHUNKS)], 1)
+    parts = []
+    for rows in bands:
+        v = model()
+        v.rows = rows
+        v.start_decode()
+        parts.append(torch.cat([v.decode_chunk(z[:, 3 * k : 3 * k + 3]) for k in range(NUM_CHUNKS)], 1))
+    torch.testing.assert_close(torch.cat(parts, 2), ref, rtol=0, atol=1e-5)
+
+
 def test_full_size_encoder_skips_its_first_stages_early() -> None:
     """The full-size architecture (random weights, 16x16 pixels, fp32 CPU): the schedule docs/MODEL.md gives, and
     still diffusers' one-shot encode chunk for chunk."""

@@ -24,8 +24,9 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import (
     WanCausalConv3d,
     WanDecoder3d,
-    WanRMS_norm,
+    WanResample,
     WanResidualBlock,
+    WanRMS_norm,
     WanUpsample,
 )
 
@@ -79,6 +80,8 @@ class StreamingVAE:
             if os.environ.get("LINGBOT_VAE_CONV_PAD", "1") != "0":
                 _pad_inside_convs(vae)
             _upsample_in_own_dtype(vae)
+            if os.environ.get("LINGBOT_VAE_SUBPIXEL", "1") != "0":
+                _subpixel_upsamplers(vae)
         z = vae.config.z_dim
         if z != VAE_Z_DIM:
             raise ValueError(f"VAE z_dim {z} != {VAE_Z_DIM} (the DiT's latent space)")
@@ -238,6 +241,50 @@ def _upsample_in_own_dtype(vae: AutoencoderKLWan) -> None:
     for m in vae.modules():
         if isinstance(m, WanUpsample):
             m.forward = functools.partial(torch.nn.Upsample.forward, m)
+
+
+def _subpixel_upsamplers(vae: AutoencoderKLWan) -> None:
+    """Each decoder upsampler's "nearest 2x, then 3x3 conv" as one 3x3 conv on the low-resolution input with four
+    times the output channels, one set per output phase (row parity a, column parity b), then one interleaving copy.
+
+    After nearest upsampling, output row 2i + a of the conv sees input rows i - 1 + a and i + a only (a = 0: the
+    kernel's top row alone on row i - 1, its two lower rows summed on row i; a = 1: the upper two summed on row i,
+    the bottom row on row i + 1), and likewise the columns: each phase is a 2x2 conv with summed weights, laid into
+    a 3x3 kernel. Same products per output pixel, but the conv runs on a quarter of the pixels with four times the
+    outputs (96 -> 384 channels at the last stage, which cuDNN gives a Hopper kernel where it has none for 96), and
+    the 4x upsampled activation is never written. The weights are summed in fp32 once, here; at bf16 their sums are
+    rounded once where the upsampled conv rounded each product, so frames differ at the bf16 level (in fp32 by
+    ~1e-6). The module keeps its weights and structure (state_dict, band cost model)."""
+    for m in vae.modules():
+        if isinstance(m, WanResample) and m.mode in ("upsample2d", "upsample3d"):
+            conv = m.resample[1]
+            if conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.stride != (1, 1):
+                continue
+            weight, bias = _subpixel_weights(conv.weight, conv.bias)
+            m.resample.forward = functools.partial(_subpixel_forward, weight, bias)
+
+
+# Rows (and columns) of the 3x3 kernel applied to the low-resolution input for output parity a, from the rows of the
+# original kernel applied after upsampling: _PHASE[a][new][old].
+_PHASE = torch.tensor([[[1, 0, 0], [0, 1, 1], [0, 0, 0]],
+                       [[0, 0, 0], [1, 1, 0], [0, 0, 1]]], dtype=torch.float32)
+
+
+def _subpixel_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[C, Cin, 3, 3] -> [4C, Cin, 3, 3], output channel 4c + 2a + b for channel c at row parity a, column parity b."""
+    r = _PHASE.to(weight.device)
+    w = torch.einsum("aky,ciyx,blx->cabikl", r, weight.float(), r)
+    w = w.reshape(-1, *weight.shape[1:]).to(weight.dtype)
+    return w, None if bias is None else bias.repeat_interleave(4)
+
+
+def _subpixel_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    y = torch.nn.functional.conv2d(x, weight, bias, padding=1)  # [N, 4C, h, w]
+    n, c4, h, w = y.shape
+    fmt = torch.channels_last if y.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty((n, c4 // 4, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=fmt)
+    out.unflatten(3, (w, 2)).unflatten(2, (h, 2)).copy_(y.unflatten(1, (c4 // 4, 2, 2)).permute(0, 1, 4, 2, 5, 3))
+    return out
 
 
 def _fuse_residual_blocks(vae: AutoencoderKLWan) -> None:
