@@ -251,8 +251,8 @@ def _subpixel_upsamplers(vae: AutoencoderKLWan) -> None:
     kernel's top row alone on row i - 1, its two lower rows summed on row i; a = 1: the upper two summed on row i,
     the bottom row on row i + 1), and likewise the columns: each phase is a 2x2 conv with summed weights, laid into
     a 3x3 kernel. Same products per output pixel, but the conv runs on a quarter of the pixels with four times the
-    outputs (96 -> 384 channels at the last stage, which cuDNN gives a Hopper kernel where it has none for 96), and
-    the 4x upsampled activation is never written. The weights are summed in fp32 once, here; at bf16 their sums are
+    outputs (96 -> 384 at the last stage: cuDNN has no Hopper kernel for 96 output channels, docs/PERFORMANCE.md
+    v21), and the 4x upsampled activation is never written (1 x H100: 0.4-5.7 ms off a 156 ms decode, v27b). The weights are summed in fp32 once, here; at bf16 their sums are
     rounded once where the upsampled conv rounded each product, so frames differ at the bf16 level (in fp32 by
     ~1e-6). The module keeps its weights and structure (state_dict, band cost model)."""
     for m in vae.modules():
