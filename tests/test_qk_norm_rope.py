@@ -56,7 +56,7 @@ def _inputs(b, tokens, heads, head_dim, dtype, seed=0):
 
 @pytest.mark.triton_interpreted
 @pytest.mark.parametrize("b,tokens,head_dim,groups", [
-    (1, 7, 8, (5,)),  # one GPU: [B, L, H, D]; 20 pairs per row, padded to 32 lanes
+    (1, 7, 8, (5,)),  # one GPU: [B, L, H, D]; 20 pairs per row, in tiles of 16 and 4
     (2, 6, 8, (2, 2, 1)),  # uneven head groups, two sequences
     (1, 9, 16, (3, 3)),
     (1, 4, 4, (1, 3)),  # a leader with a smaller head share
