@@ -36,6 +36,18 @@ def test_the_kernel_under_tritons_interpreter():
     assert ran and int(ran.group(1)) >= 10 and "skipped" not in run.stdout, tail
 
 
+def test_the_chains_it_replaces_leave_the_prewarm_registry():
+    """A prewarm manifest from before the kernel lists Inductor's q/k chains: with the kernel on they are no longer
+    traced at start-up (unregistered entries are skipped and dropped, tests/test_prewarm.py)."""
+    from worker.models import prewarm
+
+    assert qk._ENABLED and qk.triton is not None
+    names = {f"{c.__module__}.{c.__qualname__}" for c in (fused.rms_norm_rope, fused.rms_norm_rope_packed)}
+    assert names == {"worker.models.fused.rms_norm_rope", "worker.models.fused.rms_norm_rope_packed"}
+    assert not names & prewarm.REGISTRY.keys()
+    assert "worker.models.fused.modulated_norm" in prewarm.REGISTRY  # the other chains stay
+
+
 @pytest.fixture
 def interpreted():
     assert os.environ.get("TRITON_INTERPRET") == "1" and qk.triton is not None

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from worker.models import fused
+from worker.models import fused, prewarm
 
 try:
     import triton
@@ -35,6 +35,12 @@ except ImportError:  # no Triton (macOS, or a CPU install without it): the fused
 log = logging.getLogger("worker.qk_norm_rope")
 _ENABLED = os.environ.get("LINGBOT_QK_KERNEL", "triton") != "inductor"  # inductor: fused.py's chains (A/B)
 _failed = False  # the kernel failed to build once: the process keeps to the fused chains
+
+if _ENABLED and triton is not None:
+    # On CUDA the kernel replaces these chains: a prewarm manifest written before it must not trace them at every
+    # start (an entry whose function is not registered is skipped, and dropped when the manifest is next written).
+    for _chain in (fused.rms_norm_rope, fused.rms_norm_rope_packed):
+        prewarm.REGISTRY.pop(f"{_chain.__module__}.{_chain.__qualname__}", None)
 
 
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
