@@ -59,8 +59,6 @@ def main() -> None:
             gaps = [(t0 + d0, t1) for (t0, d0), (t1, _) in zip(mine, mine[1:]) if t1 - (t0 + d0) > 3]
             print(f"   stream {a.stream}: {len(mine)} kernels, busy {sum(d for _, d in mine):.0f} ms, gaps over 3 ms: "
                   + ", ".join(f"{e:.0f}-{s:.0f}" for e, s in gaps))
-
-
         if a.gaps:
             idle_gaps(kernels, a.gaps)
 

@@ -142,8 +142,7 @@ class SelfAttention(Attention):
                           out=slots[0] if slots else None).view(b, s, *hd)
             if slots:
                 if isinstance(self.v, nn.Linear):
-                    torch.addmm(self.v.bias, x.reshape(-1, x.shape[-1]), self.v.weight.t(),
-                                out=slots[1].view(-1, slots[1].shape[-2] * slots[1].shape[-1]))
+                    torch.addmm(self.v.bias, x.reshape(b * s, -1), self.v.weight.t(), out=slots[1].view(b * s, -1))
                 else:  # FP8 linears
                     slots[1].copy_(self.v(x).view_as(slots[1]))
                 k, v = ctx.cache.visible(layer)

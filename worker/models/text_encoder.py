@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from worker.config import DiTConfig
 from worker.models.host_weights import HostWeights, TiedWeightsDiffer
@@ -160,7 +161,7 @@ def load_text_encoder(
     buffer: one copy of the weights made once, where from_pretrained and packing made two (docs/PERFORMANCE.md
     v26)."""
     folder, model = Path(folder), None
-    names = ("model.safetensors.index.json", "model.safetensors")  # transformers' (not .bin: from_pretrained's)
+    names = (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME)  # transformers' safetensors (a .bin: from_pretrained's way)
     if enc_kw.get("offload") and any((folder / "text_encoder" / n).is_file() for n in names):
         files = find_shards(folder / "text_encoder", *names).files
         config = UMT5Config.from_pretrained(folder / "text_encoder", local_files_only=True)
