@@ -197,7 +197,7 @@ def test_two_ranks_with_kept_graphs_match_one_rank_across_jobs(monkeypatch):
         pool.close()
 
 
-@pytest.mark.parametrize("ranks, split", [(2, "bands"), (3, "bands"), (2, "bands-beside"), (2, "leader")])
+@pytest.mark.parametrize("ranks, split", [(2, "bands"), (3, "bands"), (2, "leader")])
 def test_every_decode_split_gives_the_one_rank_frames(ranks: int, split: str):
     """Decoded in bands (every rank its rows, gathered to the leader) or by the leader alone, switched by configure:
     the 1-rank frames (fp32: the same up to the conv sums' order, so at most one uint8 step where a value sits on a
@@ -216,20 +216,18 @@ def test_every_decode_split_gives_the_one_rank_frames(ranks: int, split: str):
         for a, b in zip(ref, got):
             diff = np.abs(a.frames.astype(int) - b.frames.astype(int))
             assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
-            assert ("band_decode_ms" in b.stats) == (split != "leader")
+            assert ("band_decode_ms" in b.stats) == (split == "bands")
         assert pool.healthy
     finally:
         pool.close()
 
 
-@pytest.mark.parametrize("split", ["bands", "bands-beside"])
-def test_a_failed_band_decode_fails_the_job_at_once(monkeypatch, split: str):
+def test_a_failed_band_decode_fails_the_job_at_once(monkeypatch):
     """The leader's band decode fails between its chunk and the gather, where the follower already waits: the job
     fails and the worker retires at once, instead of the leader waiting at a go/stop the follower never reaches
     (the gloo timeout, 60 s here)."""
     pool = RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60)
     try:
-        pool.configure(decode_split=split)
         real, calls = pool.engine.vae.decode_chunk, []
 
         def broken(latents):
@@ -250,7 +248,7 @@ def test_a_failed_band_decode_fails_the_job_at_once(monkeypatch, split: str):
 
 def test_bad_decode_split_names_the_setting(monkeypatch):
     monkeypatch.setenv("LINGBOT_DECODE_SPLIT", "rank0")
-    with pytest.raises(ValueError, match="decode split 'rank0': must be one of bands, bands-beside, leader"):
+    with pytest.raises(ValueError, match="decode split 'rank0': must be one of bands, leader"):
         RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60)
 
 
@@ -300,9 +298,9 @@ def _copies_worker(rank: int, world: int, port: int, fail_rank: int | None, aske
         os.environ["LINGBOT_SP_EXCHANGE"] = "copy"
     pool_mod.exchange_kind = lambda device, world: "copy"  # as on 2 GPUs with peer access
     copy_exchange.CopyExchange = _FakeCopies
-    groups = pool_mod._init_group(rank, world, port, "cpu", 60)
+    control = pool_mod._init_group(rank, world, port, "cpu", 60)
     try:
-        copies = pool_mod._with_copies(SequenceParallel(rank, world, **groups), "cpu").copies
+        copies = pool_mod._with_copies(SequenceParallel(rank, world, control=control), "cpu").copies
         out.put((rank, type(copies).__name__ + (f" {copies.elems}" if copies is not None else "")))
     except RuntimeError as exc:
         out.put((rank, str(exc)))

@@ -64,9 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{DEFAULT_DECODE_COST}, {DEFAULT_DECODE_COST_4_RANKS} from 4 ranks on); a comma-separated list "
                    "runs one bench per value in one process")
     b.add_argument("--decode-split", help="who decodes with 2+ ranks: bands (every rank a band of rows, between "
-                   "chunks), bands-beside (the same bands beside the next chunk's DiT) or leader (whole frames "
-                   "beside the DiT); default $LINGBOT_DECODE_SPLIT, else bands; a comma-separated list runs one "
-                   "bench per value in one process")
+                   "chunks) or leader (whole frames beside the DiT); default $LINGBOT_DECODE_SPLIT, else bands; a "
+                   "comma-separated list runs one bench per value in one process")
     b.add_argument("--cuda-graphs", help="CUDA graphs of the DiT forwards: auto (warm from 4 ranks on), 0, 1 or warm (every "
                    "span, kept across jobs; see LINGBOT_CUDA_GRAPHS in docs/PLATFORMS.md); default "
                    "$LINGBOT_CUDA_GRAPHS, else auto; a comma-separated list runs one bench per value in one process "

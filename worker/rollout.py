@@ -42,7 +42,7 @@ from worker.config import CHUNK_LATENT_FRAMES, VAE_STRIDE, VAE_Z_DIM, MASK_CHANN
 from worker.models import chunk_graphs, vae_rows
 from worker.models.kv_cache import KVCache
 from worker.schedule import dmd_schedule
-from worker.parallel.sp import BANDED_SPLITS, decode_split
+from worker.parallel.sp import decode_split
 from worker.transfer import to_device, to_host
 
 _GO, _STOP = 1, 0
@@ -144,67 +144,28 @@ def decode_priority(value: str | None) -> str:
     return value
 
 
-@dataclass
-class _Bands:
-    """This rank's share of a job's band decode (sp.decode_split "bands" or "bands-beside")."""
-    vae: object  # StreamingVAE with this rank's rows set and its decode stream started
-    counts: list[int]  # every rank's band height, in pixel rows
-    stream: torch.cuda.Stream | None  # "bands-beside": the stream the bands run on; None: the DiT's own
-    last: object = None  # "bands-beside": the previous chunk's bands-ready event
-
-
-def _band_decoder(engine, job: "RolloutJob") -> _Bands | None:
+def _band_decoder(engine, job: "RolloutJob"):
     """This rank's VAE for a job decoded in bands (its rows set, its decode stream started) and every band's row
     count; None when the job's frames are not decoded in bands."""
     sp = engine.sp
-    split = decode_split(engine.decode_split)
-    if not (job.decode and sp.enabled and split in BANDED_SPLITS):
+    if not (job.decode and sp.enabled and decode_split(engine.decode_split) == "bands"):
         return None
     bands = vae_rows.balanced_bands(engine.vae.vae.decoder, job.latent_hw[0], sp.world)
-    stream = None
-    if split == "bands-beside" and engine.device.type == "cuda":
-        stream = torch.cuda.Stream(engine.device, priority=_priorities()[2])
-    return _Bands(engine.decoder(rows=bands[sp.rank]), [b - a for a, b in bands], stream)
+    return engine.decoder(rows=bands[sp.rank]), [b - a for a, b in bands]
 
 
-def _decode_band(engine, band: _Bands, x0: torch.Tensor, first: bool) -> tuple[torch.Tensor, object]:
-    """This rank's band of the chunk's frames, then every rank's band: uint8 [T, H, W, 3] on the device, and the
-    mark (_mark) after which it is there. Queued in the same order on every rank, after the chunk's DiT.
-
-    "bands": on the DiT's stream, so the decode has the GPU to itself (the leader's whole decode beside the DiT took
-    ~700 ms for ~170 ms of kernels on 4 x H200, docs/PERFORMANCE.md v19; with a band per rank the bands are short).
-    "bands-beside": on the band stream (low priority), gathered over the side group, so the band's kernels fill
-    what the next chunk's DiT leaves idle. The first chunk's bands are the job's first frames: the DiT waits for
-    them. Later, the DiT stream waits for the bands of the chunk before this one, so they never fall behind."""
-    sp = engine.sp
+def _decode_band(engine, band, x0: torch.Tensor) -> torch.Tensor:
+    """This rank's band of the chunk's frames, then every rank's band: uint8 [T, H, W, 3] on the device. Queued on
+    the DiT's stream after the chunk, like its collectives and in the same order on every rank: the decode has the
+    GPU to itself (beside the DiT it took ~700 ms for ~170 ms of kernels on 4 x H200, docs/PERFORMANCE.md v19)."""
+    vae, counts = band
     try:
-        if band.stream is None:
-            mine = media.pixels_to_uint8(band.vae.decode_chunk(x0[0]))
-            return sp.gather(mine, sum(band.counts), dim=1, counts=band.counts), _mark(engine.device)
-        dit_stream = torch.cuda.current_stream(engine.device)
-        band.stream.wait_stream(dit_stream)  # x0 is done
-        x0.record_stream(band.stream)  # freed by the DiT thread while the band stream may still read it
-        with torch.cuda.stream(band.stream):
-            mine = media.pixels_to_uint8(band.vae.decode_chunk(x0[0]))
-            gathered = sp.gather(mine, sum(band.counts), dim=1, counts=band.counts, side=True)
-            ready = _mark(engine.device)
-        if first:
-            dit_stream.wait_event(ready)
-        elif band.last is not None:
-            dit_stream.wait_event(band.last)
-        band.last = ready
-        return gathered, ready
+        mine = media.pixels_to_uint8(vae.decode_chunk(x0[0]))
+        return engine.sp.gather(mine, sum(counts), dim=1, counts=counts)
     except BaseException:
         # The other ranks are in this chunk's gather or past it, not at a boundary: the group is out of step.
         engine.ranks_in_sync = False
         raise
-
-
-def _sync_bands(engine, band: _Bands | None) -> None:
-    """The job's band work done: the next job restarts the band VAE's cache, which the band stream may still read.
-    Not when the ranks are out of step (a gather there may never complete; the pool retires the worker)."""
-    if band is not None and band.stream is not None and engine.ranks_in_sync:
-        band.stream.synchronize()
 
 
 def _stream(device: torch.device, priority: int):
@@ -383,12 +344,9 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
     if not engine.sp.is_leader:
         with torch.inference_mode():
             band = _band_decoder(engine, job)
-            try:
-                for c, x0, _, _ in _denoise_chunks(engine, job):
-                    if band is not None:
-                        _decode_band(engine, band, x0, first=c == 0)
-            finally:
-                _sync_bands(engine, band)
+            for _, x0, _, _ in _denoise_chunks(engine, job):
+                if band is not None:
+                    _decode_band(engine, band, x0)
         _sync(engine.device)  # the job ends when its GPU work does (and an asynchronous error surfaces here)
         return
 
@@ -424,7 +382,7 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                 try:
                     for item in chunks:
                         if band is not None:
-                            item = (*item, *_decode_band(engine, band, item[1], first=item[0] == 0))
+                            item = (*item, _decode_band(engine, band, item[1]), _mark(dev))
                         if not put(to_decode, item, until=stop):
                             break
                         while item[0] == 0 and not first_queued.wait(0.05) and not stop.is_set():
@@ -434,7 +392,6 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                     # After a cancel up to LOOKAHEAD_CHUNKS chunks are still queued: they finish before the job
                     # does, so that the next job never writes buffers (kept CUDA graphs) this one still reads.
                     _sync(dev)
-                    _sync_bands(engine, band)
         except BaseException as exc:  # noqa: BLE001 - handed on behind the chunks already done, in order
             put(to_decode, exc, until=stop)
         finally:
@@ -467,7 +424,7 @@ def rollout(engine, job: RolloutJob) -> Iterator[ChunkOutput]:
                     t1 = time.perf_counter()
                     n_frames = pixel_frames_for_chunk(c)
                     frames, launched = None, t1
-                    if banded:  # decoded and gathered on the DiT's or the band stream: copied once it is done
+                    if banded:  # decoded and gathered on the DiT's stream: copied from there once it is done
                         gathered, ready = banded
                         if isinstance(ready, torch.cuda.Event):
                             torch.cuda.current_stream(dev).wait_event(ready)

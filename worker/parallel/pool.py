@@ -68,16 +68,14 @@ def _backend(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def _init_group(rank: int, world: int, port: int, device: str, timeout_s: float) -> dict:
-    """Join the data group (NCCL on GPUs) and return the other groups as SequenceParallel's fields: the control
-    group (gloo, host to host, for the chunk boundary's go/stop, SequenceParallel.agree) and the side group (the
-    data group's backend, for collectives beside the DiT's)."""
+def _init_group(rank: int, world: int, port: int, device: str, timeout_s: float):
+    """Join the data group (NCCL on GPUs) and return the control group: gloo, host to host, for the chunk
+    boundary's go/stop (SequenceParallel.agree)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
         _backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timeout,
     )
-    control = dist.new_group(backend="gloo", timeout=timeout)
-    return {"control": control, "side": dist.new_group(backend=_backend(device), timeout=timeout)}
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def _with_copies(sp: SequenceParallel, device: str) -> SequenceParallel:
@@ -128,10 +126,10 @@ def _follower_main(rank: int, world: int, port: int, model: str | None, device: 
     os.environ.update(MULTICAST_OFF)
     _share_cpu(world)
     try:
-        groups = _init_group(rank, world, port, device, timeout_s)
+        control = _init_group(rank, world, port, device, timeout_s)
         dev = f"cuda:{rank}" if device.startswith("cuda") else device
-        sp = _with_copies(SequenceParallel(rank, world, leader_share=shares[0], leader_head_share=shares[1],
-                                           **groups), dev)
+        sp = _with_copies(SequenceParallel(rank, world, control=control, leader_share=shares[0],
+                                           leader_head_share=shares[1]), dev)
         engine = Engine.load(model, device=dev, dtype=dtype, sp=sp, text_encoder=text_encoder)
         conn.send(("ready", None))
     except BaseException as exc:  # noqa: BLE001 - report, then die
@@ -264,12 +262,12 @@ class RankPool:
                 procs.append(p)
                 conns.append(parent)
         try:
-            groups = _init_group(0, ranks, port, device, timeout_s)
+            control = _init_group(0, ranks, port, device, timeout_s)
             if device.startswith("cuda"):  # on the CPU this process's pool is the tests' too: left alone
                 _share_cpu(ranks)
             dev = "cuda:0" if device.startswith("cuda") else device
-            sp = _with_copies(SequenceParallel(0, ranks, leader_share=share, leader_head_share=head_share,
-                                               **groups), dev)
+            sp = _with_copies(SequenceParallel(0, ranks, control=control, leader_share=share,
+                                               leader_head_share=head_share), dev)
             engine = Engine.load(model, device=dev, dtype=dtype, sp=sp, text_encoder=text_encoder)
             if engine.dit.cfg.num_heads < ranks:
                 raise ValueError(f"ranks: {ranks} is more than the {engine.dit.cfg.num_heads} attention heads")

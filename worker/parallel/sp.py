@@ -33,8 +33,7 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from worker.parallel.copy_exchange import CopyExchange
 
-DECODE_SPLITS = ("bands", "bands-beside", "leader")
-BANDED_SPLITS = ("bands", "bands-beside")
+DECODE_SPLITS = ("bands", "leader")
 EXCHANGES = ("nccl", "copy")
 
 
@@ -77,9 +76,6 @@ def decode_split(value: str | None = None) -> str:
     bands: every rank decodes its band of rows (worker/models/vae_rows.py) on its DiT stream right after the chunk,
       and the leader gathers the bands: on 4 x H200 each rank's band took ~57 ms of the decode's ~150
       (docs/PERFORMANCE.md v20).
-    bands-beside: the same bands, decoded and gathered on a low-priority stream of every rank beside the next
-      chunk's DiT (over `SequenceParallel.side`, so never in line with the DiT's collectives); the first chunk's
-      still go first, and a chunk's DiT waits for the bands of the chunk two before it, so they never fall behind.
     leader: the leader decodes whole frames on its decoder stream, beside the next chunk's DiT."""
     value = (value if value is not None else os.environ.get("LINGBOT_DECODE_SPLIT", "bands")).strip().lower()
     if value not in DECODE_SPLITS:
@@ -97,7 +93,7 @@ DEFAULT_DECODE_COST_4_RANKS = 0.12
 
 
 def default_decode_cost(world: int, split: str = "bands") -> float:
-    if decode_split(split) in BANDED_SPLITS:
+    if decode_split(split) == "bands":
         return 0.0
     return DEFAULT_DECODE_COST_4_RANKS if world >= 4 else DEFAULT_DECODE_COST
 
@@ -139,10 +135,6 @@ class SequenceParallel:
     leader_head_share: float | None = None  # fraction of the heads on rank 0; None = as even as integers allow
     # Runs the Ulysses exchanges on the copy engines instead of NCCL (exchange_kind); None: NCCL (gloo on CPUs).
     copies: CopyExchange | None = None
-    # A second group of the same ranks and backend for collectives issued beside the DiT's from another stream
-    # (the "bands-beside" gathers): on one communicator they would queue behind the DiT's in issue order. NCCL
-    # creates its communicator at the first collective, so an unused one costs nothing. None: `group`.
-    side: object | None = None
 
     @property
     def enabled(self) -> bool:
@@ -173,10 +165,9 @@ class SequenceParallel:
         mine = consecutive_slices(self.split_tokens(x.shape[dim]))[self.rank]
         return x.narrow(dim, mine.start, mine.stop - mine.start)
 
-    def gather(self, x: torch.Tensor, true_len: int, dim: int = 1, counts: Sequence[int] | None = None,
-               side: bool = False) -> torch.Tensor:
-        """Inverse of shard: every rank gets the full token axis (or the parts of `counts`, rank by rank); over the
-        side group with `side`."""
+    def gather(self, x: torch.Tensor, true_len: int, dim: int = 1, counts: Sequence[int] | None = None
+               ) -> torch.Tensor:
+        """Inverse of shard: every rank gets the full token axis (or the parts of `counts`, rank by rank)."""
         if not self.enabled:
             return x
         counts = self.split_tokens(true_len) if counts is None else counts
@@ -186,8 +177,7 @@ class SequenceParallel:
             shape[dim] = longest - x.shape[dim]
             x = torch.cat([x, x.new_zeros(shape)], dim=dim)
         parts = [torch.empty_like(x) for _ in range(self.world)]
-        group = self.side if side and self.side is not None else self.group
-        dist.all_gather(parts, x.contiguous(), group=group)
+        dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat([p.narrow(dim, 0, c) for p, c in zip(parts, counts)], dim=dim)
 
     # --- Ulysses all-to-all -----------------------------------------------------------------------------
