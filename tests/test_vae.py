@@ -375,6 +375,269 @@ def test_row_bands_with_subpixel_upsamplers(bands: list[tuple[int, int]]) -> Non
     torch.testing.assert_close(torch.cat(parts, 2), ref, rtol=0, atol=1e-5)
 
 
+def _conv3d_layout_as_on_cuda(monkeypatch) -> None:
+    """CPU conv3d returns a channels-first result whatever its operands' layout; cuDNN's is channels-last (NDHWC)
+    when the weight is, as StreamingVAE makes every Conv3d weight on CUDA. Here conv3d's result is copied into
+    NDHWC where the weight is: the same values, CUDA's layout."""
+    real_conv3d = torch.nn.functional.conv3d
+
+    def conv3d(x, weight, *args, **kwargs):
+        out = real_conv3d(x, weight, *args, **kwargs)
+        if weight.is_contiguous(memory_format=torch.channels_last_3d):
+            out = out.contiguous(memory_format=torch.channels_last_3d)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "conv3d", conv3d)
+
+
+def _conv3d_weights_channels_last(model: torch.nn.Module) -> None:
+    """StreamingVAE's CUDA conversion of the Conv3d weights to NDHWC, for a model on the CPU."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv3d):
+            m.weight.data = m.weight.data.to(memory_format=torch.channels_last_3d)
+
+
+def _watch_resample(m: torch.nn.Module, seen: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Record (input, output) of m.resample, whatever its forward is by now (diffusers' or the subpixel conv)."""
+    inner = m.resample.forward
+
+    def watched(x: torch.Tensor) -> torch.Tensor:
+        out = inner(x)
+        seen.append((x, out))
+        return out
+
+    m.resample.forward = watched
+
+
+def _upsample3d_pair(dtype: torch.dtype, channels_last: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A random temporal upsampler as diffusers builds it (with NDHWC conv weights where channels_last) and a copy."""
+    import copy
+
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
+
+    g = torch.Generator().manual_seed(5)
+    plain = WanResample(6, "upsample3d", upsample_out_dim=5)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    plain = plain.to(dtype).eval().requires_grad_(False)
+    if channels_last:
+        _conv3d_weights_channels_last(plain)
+    return plain, copy.deepcopy(plain)
+
+
+def _in_format(x: torch.Tensor, memory_format) -> bool:
+    """x has the strides of a new tensor in memory_format. Stricter than is_contiguous(memory_format), which lets
+    size-1 dims have any stride: with odd ones there PyTorch (cuDNN's choice of layout included) takes a
+    channels-last tensor for channels-first."""
+    return x.stride() == torch.empty(x.shape, memory_format=memory_format).stride()
+
+
+def _stream_upsample3d(plain, patched, batch: int, frames: tuple[int, ...], memory_format, dtype) -> list:
+    """Consecutive streamed calls of both upsamplers on the same inputs (t frames each), torch.equal outputs and
+    caches call by call; returns the patched outputs."""
+    g = torch.Generator().manual_seed(sum(frames))
+    caches: tuple[list, list] = ([None], [None])
+    outs = []
+    for k, t in enumerate(frames):
+        x = torch.randn(batch, 6, t, 5, 7, generator=g).to(dtype).contiguous(memory_format=memory_format)
+        idx = ([0], [0])
+        want = plain(x, feat_cache=caches[0], feat_idx=idx[0])
+        got = patched(x, feat_cache=caches[1], feat_idx=idx[1])
+        assert got.shape == want.shape == (batch, 5, t if k == 0 else 2 * t, 10, 14), (k, got.shape)
+        assert torch.equal(got, want), (frames, k)
+        assert idx[0] == idx[1] == [1]
+        if k == 0:
+            assert caches[0] == caches[1] == ["Rep"]
+        else:
+            assert torch.equal(caches[1][0], caches[0][0]) and caches[1][0].stride() == caches[0][0].stride(), k
+        outs.append(got)
+    return outs
+
+
+# Streamed frame counts per call: the stream's first call passes its frames through ("Rep"); one frame at a time as
+# the streamed decode runs (after "Rep": a zero frame in front of the cache, then the previous cache's last frame);
+# and longer calls, as one-shot decodes of other shapes would make. Batch 1 as in the decode, and 2.
+_UPSAMPLE3D_STREAMS = [(b, frames) for b in (1, 2) for frames in [(1, 1, 1, 1), (1, 3, 1, 2), (3, 2, 1)]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+def test_upsample3d_in_layout_equals_diffusers(monkeypatch, dtype: torch.dtype, memory_format) -> None:
+    """The temporal upsampler with its frame interleave in the activation's memory format: bit for bit diffusers'
+    forward, call by call through a stream, and with channels-last (NDHWC) activations it keeps them channels-last:
+    the 2D resample reads a channels-last view and the output is NDHWC. With channels-first ones the interleave
+    writes diffusers' own layout, as does a call that passes one frame through (the streamed decode's first)."""
+    from worker.models import vae as vae_mod
+
+    channels_last = memory_format == torch.channels_last_3d
+    if channels_last:
+        _conv3d_layout_as_on_cuda(monkeypatch)
+    plain, patched = _upsample3d_pair(dtype, channels_last)
+    vae_mod._time_upsamplers_in_layout(patched)
+    seen: list = []
+    seen_plain: list = []
+    _watch_resample(patched, seen)
+    _watch_resample(plain, seen_plain)
+    for batch, frames in _UPSAMPLE3D_STREAMS:
+        seen.clear()
+        seen_plain.clear()
+        outs = _stream_upsample3d(plain, patched, batch, frames, memory_format, dtype)
+        for out, (x, _), (x_plain, _) in zip(outs, seen, seen_plain, strict=True):
+            if channels_last and out.shape[2] > 1:
+                assert _in_format(x, torch.channels_last) and _in_format(out, torch.channels_last_3d)
+            else:
+                assert x.stride() == x_plain.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout_first", [False, True])
+def test_upsample3d_in_layout_with_subpixel_conv(monkeypatch, dtype: torch.dtype, layout_first: bool) -> None:
+    """With the 2D resample also patched (the low-resolution subpixel conv), in either order: the same values as
+    the subpixel conv alone on diffusers' interleave, and channels-last from the time conv to the output, the
+    subpixel conv's own output included (but where one frame passes through, which keeps diffusers' views)."""
+    from worker.models import vae as vae_mod
+
+    _conv3d_layout_as_on_cuda(monkeypatch)
+    plain, patched = _upsample3d_pair(dtype, True)
+    vae_mod._subpixel_upsamplers(plain)
+    patches = [vae_mod._time_upsamplers_in_layout, vae_mod._subpixel_upsamplers]
+    for patch in patches if layout_first else patches[::-1]:
+        patch(patched)
+    assert patched.resample.forward.func is vae_mod._subpixel_forward
+    assert patched.forward.func is vae_mod._upsample3d_in_layout
+    seen: list = []
+    _watch_resample(patched, seen)
+    for batch, frames in _UPSAMPLE3D_STREAMS:
+        seen.clear()
+        outs = _stream_upsample3d(plain, patched, batch, frames, torch.channels_last_3d, dtype)
+        for out, (x, y) in zip(outs, seen, strict=True):
+            if out.shape[2] > 1:
+                assert _in_format(x, torch.channels_last) and _in_format(y, torch.channels_last)
+                assert _in_format(out, torch.channels_last_3d)
+
+
+def _time_layout_pair(dtype: torch.dtype, channels_last: bool, *patches) -> tuple[StreamingVAE, StreamingVAE]:
+    """_plain_and_patched with `patches` on both models and the time layout patch on the second, and with
+    channels_last, both models' Conv3d weights in NDHWC as StreamingVAE makes them on CUDA."""
+    from worker.models import vae as vae_mod
+
+    plain = build_vae(PRESETS["tiny"].vae, dtype, "cpu", seed=0)
+    patched = build_vae(PRESETS["tiny"].vae, dtype, "cpu", seed=0)
+    for model in (plain, patched):
+        if channels_last:
+            _conv3d_weights_channels_last(model)
+        for patch in patches:
+            patch(model)
+    vae_mod._time_upsamplers_in_layout(patched)
+    return StreamingVAE(plain), StreamingVAE(patched)
+
+
+def _count_interleaves(monkeypatch, seen: list) -> None:
+    from worker.models import vae as vae_mod
+
+    real = vae_mod._interleave_frames
+    monkeypatch.setattr(vae_mod, "_interleave_frames", lambda y: seen.append(y) or real(y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_time_layout_streamed_decode_equals_diffusers(monkeypatch, dtype: torch.dtype, channels_last: bool) -> None:
+    """A streamed decode over three chunks with the temporal upsamplers' interleave in the activation's layout:
+    chunk for chunk bit for bit the unpatched decode, also with NDHWC conv weights and activations as on CUDA, where
+    the upsamplers' outputs then stay NDHWC."""
+    if channels_last:
+        _conv3d_layout_as_on_cuda(monkeypatch)
+    plain, patched = _time_layout_pair(dtype, channels_last)
+    ups = [m for m in patched.vae.decoder.modules() if getattr(m, "mode", None) == "upsample3d"]
+    assert len(ups) == 2
+    seen: list = []
+    for up in ups:
+        _watch_resample(up, seen)
+    interleaved: list = []
+    _count_interleaves(monkeypatch, interleaved)
+
+    def watch(k: int, decode):
+        seen.clear()
+        interleaved.clear()
+        out = decode()
+        # 3 latent frames, 2 temporal upsamplers: all interleaved but the stream's very first frame's ("Rep")
+        assert len(seen) == 6 and len(interleaved) == (4 if k == 0 else 6), (k, len(seen), len(interleaved))
+        if channels_last:  # all but the stream's first frame, passed through in diffusers' views (batch 1)
+            assert all(_in_format(y, torch.channels_last_3d) for y in interleaved)
+            frames = [(x, y) for x, y in seen if x.shape[0] > 1]
+            assert len(frames) == (4 if k == 0 else 6)
+            assert all(_in_format(x, torch.channels_last) and _in_format(y, torch.channels_last) for x, y in frames)
+        return out
+
+    _assert_streamed_decode_equal(plain, patched, watch)
+
+
+@pytest.mark.parametrize("layout_first", [False, True])
+def test_time_layout_with_all_cuda_patches_equals_without(monkeypatch, layout_first: bool) -> None:
+    """Every CUDA patch, with the convs adding their bias as cuDNN does (the residual blocks' bias test says why),
+    and NDHWC activations: the time layout patch, installed before or after the subpixel upsamplers, leaves the
+    streamed decode bit for bit what it was without it (fp32)."""
+    from worker.models import vae as vae_mod
+
+    real_conv3d = torch.nn.functional.conv3d
+
+    def conv3d_cuda_bias_order(x, weight, bias=None, *args, **kwargs):
+        out = real_conv3d(x, weight, None, *args, **kwargs)
+        return out if bias is None else out.add_(bias.view(-1, 1, 1, 1))
+
+    monkeypatch.setattr(torch.nn.functional, "conv3d", conv3d_cuda_bias_order)
+    _conv3d_layout_as_on_cuda(monkeypatch)  # on top: NDHWC results
+    patches = [vae_mod._fuse_norm_passes, vae_mod._pad_inside_convs, vae_mod._upsample_in_own_dtype]
+    if not layout_first:
+        patches.append(vae_mod._subpixel_upsamplers)
+    plain, patched = _time_layout_pair(torch.float32, True, *patches)
+    if layout_first:
+        for model in (plain.vae, patched.vae):
+            vae_mod._subpixel_upsamplers(model)
+    interleaved: list = []
+    _count_interleaves(monkeypatch, interleaved)
+
+    def watch(k: int, decode):
+        interleaved.clear()
+        out = decode()
+        assert len(interleaved) == (4 if k == 0 else 6), k
+        return out
+
+    _assert_streamed_decode_equal(plain, patched, watch)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bands", [[(0, 24), (24, 48)], [(0, 7), (7, 31), (31, 48)]])
+def test_row_bands_with_time_layout(monkeypatch, bands: list[tuple[int, int]], channels_last: bool) -> None:
+    """Row bands (worker/models/vae_rows.py runs each upsampler as the module) take the time layout path: each band
+    bit for bit the band without it, and stacked, the whole frames of diffusers' modules."""
+    if channels_last:
+        _conv3d_layout_as_on_cuda(monkeypatch)
+    z = _latents(4)
+    whole = _time_layout_pair(torch.float32, channels_last)[0]
+    whole.start_decode()
+    ref = torch.cat([whole.decode_chunk(z[:, 3 * k : 3 * k + 3]) for k in range(NUM_CHUNKS)], 1)
+    interleaved: list = []
+    _count_interleaves(monkeypatch, interleaved)
+    parts = []
+    for rows in bands:
+        plain, patched = _time_layout_pair(torch.float32, channels_last)
+        for v in (plain, patched):
+            v.rows = rows
+            v.start_decode()
+        outs = []
+        for k in range(NUM_CHUNKS):
+            part = z[:, 3 * k : 3 * k + 3]
+            interleaved.clear()
+            out = patched.decode_chunk(part)
+            assert len(interleaved) == (4 if k == 0 else 6), (rows, k)
+            assert torch.equal(out, plain.decode_chunk(part)), (rows, k)
+            outs.append(out)
+        parts.append(torch.cat(outs, 1))
+    torch.testing.assert_close(torch.cat(parts, 2), ref, rtol=0, atol=1e-5)
+
+
 def test_full_size_encoder_skips_its_first_stages_early() -> None:
     """The full-size architecture (random weights, 16x16 pixels, fp32 CPU): the schedule docs/MODEL.md gives, and
     still diffusers' one-shot encode chunk for chunk."""

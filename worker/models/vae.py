@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import (
+    CACHE_T,
     WanCausalConv3d,
     WanDecoder3d,
     WanResample,
@@ -82,6 +83,8 @@ class StreamingVAE:
             _upsample_in_own_dtype(vae)
             if os.environ.get("LINGBOT_VAE_SUBPIXEL", "1") != "0":
                 _subpixel_upsamplers(vae)
+            if os.environ.get("LINGBOT_VAE_TIME_LAYOUT", "0") == "1":  # off until measured on a GPU
+                _time_upsamplers_in_layout(vae)
         z = vae.config.z_dim
         if z != VAE_Z_DIM:
             raise ValueError(f"VAE z_dim {z} != {VAE_Z_DIM} (the DiT's latent space)")
@@ -284,6 +287,61 @@ def _subpixel_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.
     fmt = torch.channels_last if y.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     out = torch.empty((n, c4 // 4, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=fmt)
     out.unflatten(3, (w, 2)).unflatten(2, (h, 2)).copy_(y.unflatten(1, (c4 // 4, 2, 2)).permute(0, 1, 4, 2, 5, 3))
+    return out
+
+
+def _time_upsamplers_in_layout(vae: AutoencoderKLWan) -> None:
+    """Each temporal upsampler's frame interleave as one copy in the activation's own memory format.
+
+    diffusers' WanResample ("upsample3d") interleaves the time conv's two channel halves into twice the frames with
+    torch.stack, which writes a channels-first tensor even when the activation is channels-last (NDHWC, as on CUDA,
+    where the conv weights are); its [b*t, c, h, w] frames for the 2D resample (a second copy, or a view the conv
+    copies) are then not channels-last either, and the next residual block's norms, cache and convs run on
+    channels-first tensors that cuDNN converts back. Here the interleave writes straight into a tensor of the time
+    conv's output format, so those frames are a channels-last view and stay channels-last through the 2D resample
+    (whatever it is patched to) and after it. The same calls on the same cache entries and the same values, up to
+    the order of the convs' sums where cuDNN picks another kernel for the other layout (bit for bit in the CPU tests).
+    A call that only passes one frame through (the streamed decode's first) keeps diffusers' views, whose size-1
+    time dims get strides that PyTorch (and so cuDNN) reads as channels-first: once per stream."""
+    for m in vae.modules():
+        if isinstance(m, WanResample) and m.mode == "upsample3d":
+            m.forward = functools.partial(_upsample3d_in_layout, m)
+
+
+def _upsample3d_in_layout(
+    m: WanResample, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list[int] | None = None
+) -> torch.Tensor:
+    # diffusers' WanResample.forward for "upsample3d" step for step: the stream's first call ("Rep") and calls
+    # without a cache let the frames through; every later one runs the time conv behind the cached frames and keeps
+    # the input's last CACHE_T frames (behind the previous cache's last frame, or a zero frame after "Rep", when
+    # shorter). Only the interleave's copy is ours.
+    b, c, t, h, w = x.shape
+    if feat_cache is not None:
+        idx = feat_idx[0]
+        prev = feat_cache[idx]
+        if prev is None:
+            feat_cache[idx] = "Rep"
+        else:
+            rep = isinstance(prev, str)  # "Rep": no frames before this call's
+            cache_x = x[:, :, -CACHE_T:].clone()
+            if cache_x.shape[2] < CACHE_T:
+                front = torch.zeros_like(cache_x) if rep else prev[:, :, -1:].to(cache_x.device)
+                cache_x = torch.cat([front, cache_x], dim=2)
+            x = _interleave_frames(m.time_conv(x) if rep else m.time_conv(x, prev))
+            feat_cache[idx] = cache_x
+        feat_idx[0] += 1
+    t = x.shape[2]
+    x = m.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # a view of a channels-last x
+    return x.view(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+def _interleave_frames(y: torch.Tensor) -> torch.Tensor:
+    """[b, 2c, t, h, w] -> [b, c, 2t, h, w]: frame 2 tau + p is channels [pc, pc + c) of frame tau (diffusers'
+    reshape, stack and reshape), written by one copy into a tensor of y's memory format."""
+    b, c2, t, h, w = y.shape
+    fmt = torch.channels_last_3d if y.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
+    out = torch.empty((b, c2 // 2, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=fmt)
+    out.unflatten(2, (t, 2)).copy_(y.unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 1, 4, 5))
     return out
 
 
