@@ -49,12 +49,14 @@ def test_mode_setting(monkeypatch):
     assert chunk_graphs.resolve(None, cpu, SINGLE) == "rerun"
 
 
-# window 6: a chunk's frames are one run of slots; window 7: they wrap around the window inside a chunk
-@pytest.mark.parametrize("window", [6, 7])
-def test_replayed_chunks_give_the_eager_latents(engine, window, monkeypatch):
+# window 6: a chunk's frames are one run of slots; window 7: they wrap around the window inside a chunk.
+# gated: the replays run with LINGBOT_GATED_NORM's deferred FFN residuals, the eager reference without.
+@pytest.mark.parametrize("window, gated", [(6, False), (7, False), (7, True)])
+def test_replayed_chunks_give_the_eager_latents(engine, window, gated, monkeypatch):
     monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "0")
     ref = _latents(engine, _job(window))
     monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun")
+    monkeypatch.setattr(engine.dit, "gated_norm", gated)
     replays = []
     real = ChunkGraphs.denoise
     monkeypatch.setattr(ChunkGraphs, "denoise", lambda self, x, emb: replays.append(1) or real(self, x, emb))

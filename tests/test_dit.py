@@ -202,3 +202,98 @@ def test_fp8_linears_track_bf16_and_keep_running():
     ctx = model.prepare_chunk(cam, 0, None)
     got = model(xx, y, 500.0, model.encode_text(text), ctx)
     assert ((got - ref).norm() / ref.norm()).item() < 0.1
+
+
+@pytest.fixture
+def dynamo_eager(monkeypatch):
+    """fusable traces on the CPU too, with Dynamo's eager backend: the graph is Dynamo's own (fullgraph, symbolic
+    token axis), only Inductor's code generation is left out (as in tests/test_prewarm.py)."""
+    from worker.models import fused
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, fullgraph=True, options=None: real(fn, fullgraph=fullgraph,
+                                                                                         backend="eager"))
+    monkeypatch.setattr(fused, "_COMPILE_ON_CPU", True)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,tokens,dim", [(1, 5, 24), (2, 7, 64), (1, 3, 5120)])
+def test_gated_residual_modulated_norm_is_the_two_chains_in_sequence(request, traced, dtype, b, tokens, dim):
+    """LINGBOT_GATED_NORM's kernel: gated_residual, then modulated_norm of its result, bit for bit; the FFN output
+    arrives in the weights' dtype, the residual stream and the modulation in fp32."""
+    from worker.models import prewarm
+    from worker.models.fused import gated_residual, gated_residual_modulated_norm, modulated_norm
+
+    if traced:
+        request.getfixturevalue("dynamo_eager")
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(b, tokens, dim, generator=g) * 3
+    y = torch.randn(b, tokens, dim, generator=g).to(dtype)
+    gate, shift, scale = (torch.randn(b, 1, dim, generator=g) for _ in range(3))
+    graphs = prewarm.graphs_compiled()
+    want_x = gated_residual.eager(x, y, gate)
+    want_h = modulated_norm.eager(want_x, shift, scale, 1e-6, dtype)
+    got_x, got_h = gated_residual_modulated_norm(x, y, gate, shift, scale, 1e-6, dtype)
+    assert got_x.dtype == torch.float32 and got_h.dtype == dtype
+    assert torch.equal(got_x, want_x) and torch.equal(got_h, want_h)
+    assert not torch.equal(got_x, x)  # the residual was added
+    assert prewarm.graphs_compiled() == graphs + traced  # traced as one graph (fullgraph), not run eagerly
+    assert "worker.models.fused.gated_residual_modulated_norm" in prewarm.REGISTRY  # traced at start-up too
+
+
+def _refreshed_chunks(model: LingBotDiT, cfg, num_chunks: int = 3):
+    """Per chunk, as a rollout runs it: a denoising forward into a K/V cache, then the cache refresh (cache_only)
+    from other latents. Returns every forward's output and the cache's visible K/V after every forward."""
+    x, y, cam, text = _inputs(num_chunks=num_chunks)
+    cache = KVCache(num_layers=cfg.num_layers, frame_tokens=6, total_frames=x.shape[2], sink=1, window=3,
+                    heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=torch.float32, device="cpu")
+    kv = model.encode_text(text)
+    outs, caches = [], []
+    for f0 in range(0, x.shape[2], CHUNK_LATENT_FRAMES):
+        sl = slice(f0, f0 + CHUNK_LATENT_FRAMES)
+        ctx = model.prepare_chunk(cam[:, :, sl], f0, cache)
+        outs.append(model(x[:, :, sl], y[:, :, sl], 999.0, kv, ctx))
+        caches.append([t.clone() for layer in range(cfg.num_layers) for t in cache.visible(layer)])
+        assert model(x[:, :, sl] * 0.5, y[:, :, sl], 0.0, kv, ctx, cache_only=True) is None
+        caches.append([t.clone() for layer in range(cfg.num_layers) for t in cache.visible(layer)])
+    return outs, caches
+
+
+def test_gated_norm_gives_the_same_forwards_and_cache_refreshes(monkeypatch):
+    """LINGBOT_GATED_NORM (on by default) against it off, on a 3-block model (one block both takes and hands on a
+    pending residual): the same outputs and, after each cache refresh (whose last block writes only K/V, from the
+    residual still pending from the block before it), the same K/V cache, bit for bit over a few chunks (the second
+    wraps around the window, so its K/V go through cache.write). fp32 on the CPU: the fused kernel is the same math
+    as the two chains it replaces."""
+    import dataclasses
+
+    from worker.models import dit
+    from worker.models.dit import gated_norm_setting
+
+    cfg = dataclasses.replace(TINY, num_layers=3)
+    model = build_dit(cfg, dtype=torch.float32, seed=4)
+    assert model.gated_norm is True  # the default
+    model.gated_norm = False
+    calls = []
+    fused = dit.gated_residual_modulated_norm
+    monkeypatch.setattr(dit, "gated_residual_modulated_norm", lambda *a: calls.append(1) or fused(*a))
+    ref_outs, ref_caches = _refreshed_chunks(model, cfg)
+    assert not calls
+    model.gated_norm = True
+    outs, caches = _refreshed_chunks(model, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(outs, ref_outs, strict=True))
+    assert all(torch.equal(a, b) for c, r in zip(caches, ref_caches, strict=True) for a, b in zip(c, r, strict=True))
+    # per chunk: 2 block boundaries + the head in the denoising forward, 2 block boundaries in the refresh
+    assert len(calls) == 3 * (3 + 2)
+    # The refresh rewrote the chunk's K/V, in every layer: what is compared after it is the refresh's own.
+    assert not any(torch.equal(a, b) for a, b in zip(ref_caches[0], ref_caches[1], strict=True))
+
+    monkeypatch.setenv("LINGBOT_GATED_NORM", "0")  # read when the model is built
+    assert build_dit(TINY, dtype=torch.float32, seed=4).gated_norm is False
+    assert gated_norm_setting({}) is True and gated_norm_setting({"LINGBOT_GATED_NORM": "0"}) is False
+    with pytest.raises(ValueError, match="LINGBOT_GATED_NORM"):
+        gated_norm_setting({"LINGBOT_GATED_NORM": "on"})

@@ -180,6 +180,34 @@ def test_two_ranks_replaying_steady_chunks_match_one_rank(monkeypatch):
         pool.close()
 
 
+def test_gated_norm_on_one_and_two_ranks_with_replays_matches_it_off(monkeypatch):
+    """LINGBOT_GATED_NORM, on by default (each block's FFN residual added by the next block's first norm, the last
+    one's by the head's, in one kernel): one rank gives the latents of the plain forward bit for bit (fp32 on the
+    CPU: the same math), cache refreshes included; 2 ranks (the leader with 1 of 4 heads, window 7) give them too,
+    with the steady chunks as graph replays (the CPU stand-in), which capture the deferred residuals with the rest."""
+    job = _job(chunks=6)
+    job.kv_window = 7
+    monkeypatch.setenv("LINGBOT_GATED_NORM", "0")  # read when each rank builds its model; a spawned one inherits it
+    plain = Engine.load("tiny", device="cpu", dtype=torch.float32)
+    assert not plain.dit.gated_norm
+    ref = _latents(plain, job)
+    monkeypatch.delenv("LINGBOT_GATED_NORM")  # the default
+    one = Engine.load("tiny", device="cpu", dtype=torch.float32)
+    assert one.dit.gated_norm
+    assert torch.equal(_latents(one, job), ref)
+    monkeypatch.setenv("LINGBOT_CUDA_GRAPHS", "rerun")
+    replays = []
+    real = ChunkGraphs.denoise
+    monkeypatch.setattr(ChunkGraphs, "denoise", lambda self, x, emb: replays.append(1) or real(self, x, emb))
+    pool = RankPool.start("tiny", ranks=2, device="cpu", dtype=torch.float32, timeout_s=60, head_share=0.25)
+    try:
+        assert pool.engine.dit.gated_norm
+        torch.testing.assert_close(_latents(pool, job), ref, rtol=1e-4, atol=1e-4)
+        assert len(replays) == 4 * 2 and pool.healthy  # chunks 4 and 5 replayed
+    finally:
+        pool.close()
+
+
 def test_two_ranks_with_kept_graphs_match_one_rank_across_jobs(monkeypatch):
     """`warm` graphs (the CPU stand-in) on 2 ranks: every span captured in the first job and kept; the second job,
     another prompt and seed, replays from its first chunk; both give the 1-rank eager latents."""

@@ -13,8 +13,10 @@ loads with strict=True. The forward follows reference/fast_rollout.md section 5:
     out = head(LN(x) * (1 + scale) + shift)  ->  unpatchify to [16, F, H/8, W/8]
 
 The residual stream stays in fp32 and the matmuls run in the weights' dtype (bf16), as under the official
-autocast. Work that does not change inside a chunk (RoPE tables, camera modulation, cache slots) is built
-once by `prepare_chunk`; work that does not change inside a job (text K/V, time embeddings) once per job.
+autocast. A block's last line is deferred (LINGBOT_GATED_NORM, on by default): the next block (or the head)
+adds gate2 * ffn in its first norm's kernel (Block.forward). Work that does not change inside a chunk (RoPE tables,
+camera modulation, cache slots) is built once by `prepare_chunk`; work that does not change inside a job (text K/V, time
+embeddings) once per job.
 With sequence parallelism every rank runs the blocks on its share of the tokens (see worker/parallel/sp.py).
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +38,7 @@ from worker.models.attention import attention
 from worker.models.fused import (
     attn_residual_camera_norm3,
     gated_residual,
+    gated_residual_modulated_norm,
     linear_gelu,
     modulated_norm,
     residual_modulated_norm,
@@ -44,6 +48,17 @@ from worker.models.kv_cache import KVCache
 from worker.models.qk_norm_rope import qk_norm_rope
 from worker.parallel.sp import SINGLE, SequenceParallel, consecutive_slices
 from worker.transfer import to_device
+
+
+def gated_norm_setting(env=os.environ) -> bool:
+    """LINGBOT_GATED_NORM (default 1): each block's FFN residual is added by the next block's first norm (or the
+    head's), in one kernel (fused.gated_residual_modulated_norm): one pass over the fp32 residual stream less per
+    block boundary (~96 MB at 4680 tokens on one GPU; docs/PERFORMANCE.md v28). 0 adds it at the block's end, for
+    A/B runs. Read when the model is built, so a spawned rank sees the environment it is given."""
+    value = env.get("LINGBOT_GATED_NORM", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"LINGBOT_GATED_NORM={value!r}: must be 0 or 1")
+    return value == "1"
 
 
 class RMSNorm(nn.Module):
@@ -110,6 +125,10 @@ class ChunkContext:
     cam_shift: list[torch.Tensor]
     cache: KVCache | None
     attn_mask: torch.Tensor | None = None
+
+
+# A block's FFN residual (ffn output, gate2) not yet added to the residual stream (LINGBOT_GATED_NORM), or None.
+Pending = tuple[torch.Tensor, torch.Tensor] | None
 
 
 # --- blocks -------------------------------------------------------------------------------------------------
@@ -248,23 +267,35 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # fp32 residual stream [B, Ls, dim]
+        pending: Pending,
         e0: torch.Tensor,  # fp32 [B, 6, dim]
         text_kv: tuple[torch.Tensor, torch.Tensor],
         ctx: ChunkContext,
         layer: int,
         sp: SequenceParallel,
         cache_only: bool = False,
-    ) -> torch.Tensor:
+        defer: bool = False,
+    ) -> tuple[torch.Tensor, Pending]:
+        """(x, pending) for the next block. pending: the previous block's FFN residual, not yet in x; it is added
+        here by the kernel of the first norm. defer: hand this block's own FFN residual on the same way instead
+        of adding it (LINGBOT_GATED_NORM). With cache_only only the K/V are written (the model's last block)."""
         wdt = self.modulation.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
-        attn = self.self_attn(modulated_norm(x, shift1, scale1, self.eps, wdt), ctx, layer, sp, cache_only)
+        if pending is None:
+            h = modulated_norm(x, shift1, scale1, self.eps, wdt)
+        else:
+            x, h = gated_residual_modulated_norm(x, *pending, shift1, scale1, self.eps, wdt)
+        attn = self.self_attn(h, ctx, layer, sp, cache_only)
         if cache_only:
-            return x
+            return x, None
         # Camera: the per-chunk scale/shift were computed once in prepare_chunk.
         x, h = attn_residual_camera_norm3(x, attn, gate1, ctx.cam_scale[layer], ctx.cam_shift[layer],
                                           self.norm3.weight, self.norm3.bias, self.eps, wdt)
         x, h = residual_modulated_norm(x, self.cross_attn(h, text_kv), shift2, scale2, self.eps, wdt)
-        return gated_residual(x, self.ffn[2](linear_gelu(self.ffn[0], h)), gate2)
+        ffn = self.ffn[2](linear_gelu(self.ffn[0], h))
+        if defer:
+            return x, (ffn, gate2)
+        return gated_residual(x, ffn, gate2), None
 
 
 class Head(nn.Module):
@@ -274,10 +305,15 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
         self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e: torch.Tensor, pending: Pending = None) -> torch.Tensor:
+        """pending: the last block's deferred FFN residual (Block.forward), added by the norm's kernel."""
         shift, scale = (self.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)
-        h = layer_norm(x, self.eps) * (1 + scale) + shift
-        return self.head(h.to(self.head.weight.dtype)).float()
+        if pending is None:
+            h = (layer_norm(x, self.eps) * (1 + scale) + shift).to(self.head.weight.dtype)
+        else:
+            # Writes the finished x too, which nothing reads: one kernel for both uses rather than a second graph.
+            _, h = gated_residual_modulated_norm(x, *pending, shift, scale, self.eps, self.head.weight.dtype)
+        return self.head(h).float()
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -295,6 +331,7 @@ class LingBotDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        self.gated_norm = gated_norm_setting()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -400,11 +437,13 @@ class LingBotDiT(nn.Module):
         h = sp.shard(tokens).float()
         e, e0 = time_emb if time_emb is not None else self.time_embedding_for(t, b)
         last = len(self.blocks) - 1
+        pending = None
         for i, blk in enumerate(self.blocks):
-            h = blk(h, e0, text_kv[i], ctx, i, sp, cache_only=cache_only and i == last)
+            h, pending = blk(h, pending, e0, text_kv[i], ctx, i, sp, cache_only=cache_only and i == last,
+                             defer=self.gated_norm)
         if cache_only:
             return None
-        out = sp.gather(self.head(h, e), ctx.num_tokens)
+        out = sp.gather(self.head(h, e, pending), ctx.num_tokens)
         return self.unpatchify(out, ctx.grid)
 
     def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

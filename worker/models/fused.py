@@ -184,6 +184,14 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     return x + gate * y.float()
 
 
+@fusable(tokens={0: 1, 1: 1})
+def gated_residual_modulated_norm(x, y, gate, shift, scale, eps: float, dtype: torch.dtype):
+    """gated_residual, then modulated_norm of its result: a block's FFN residual and the next block's (or the
+    head's) first norm. Apart they are two passes over the fp32 residual stream; here x is read once."""
+    x = gated_residual.eager(x, y, gate)
+    return x, modulated_norm.eager(x, shift, scale, eps, dtype)
+
+
 def linear_gelu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(linear(x)); on CUDA the GELU runs in the GEMM's epilogue (cuBLASLt GELU_BIAS, the tanh form)
     instead of as a separate pass over the [tokens, 13824] activation."""

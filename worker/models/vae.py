@@ -83,7 +83,7 @@ class StreamingVAE:
             _upsample_in_own_dtype(vae)
             if os.environ.get("LINGBOT_VAE_SUBPIXEL", "1") != "0":
                 _subpixel_upsamplers(vae)
-            if os.environ.get("LINGBOT_VAE_TIME_LAYOUT", "0") == "1":  # off until measured on a GPU
+            if os.environ.get("LINGBOT_VAE_TIME_LAYOUT", "1") != "0":
                 _time_upsamplers_in_layout(vae)
         z = vae.config.z_dim
         if z != VAE_Z_DIM:
