@@ -13,10 +13,10 @@ loads with strict=True. The forward follows reference/fast_rollout.md section 5:
     out = head(LN(x) * (1 + scale) + shift)  ->  unpatchify to [16, F, H/8, W/8]
 
 The residual stream stays in fp32 and the matmuls run in the weights' dtype (bf16), as under the official
-autocast. A block's last line is deferred (LINGBOT_GATED_NORM, on by default): the next block (or the head)
-adds gate2 * ffn in its first norm's kernel (Block.forward). Work that does not change inside a chunk (RoPE tables,
-camera modulation, cache slots) is built once by `prepare_chunk`; work that does not change inside a job (text K/V, time
-embeddings) once per job.
+autocast. A block's last line is deferred (LINGBOT_GATED_NORM, on by default): the next block, or the head, adds
+gate2 * ffn in its first norm's kernel (Block.forward). Work that does not change inside a chunk (RoPE tables,
+camera modulation, cache slots) is built once by `prepare_chunk`; work that does not change inside a job (text
+K/V, time embeddings) once per job.
 With sequence parallelism every rank runs the blocks on its share of the tokens (see worker/parallel/sp.py).
 """
 
