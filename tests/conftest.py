@@ -53,3 +53,20 @@ def tiny_engine():
     from worker.engine import Engine
 
     return Engine.load("tiny", device="cpu")
+
+
+@pytest.fixture
+def dynamo_eager(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """fusable traces on the CPU too, with Dynamo's eager backend: the graph is Dynamo's own (fullgraph, symbolic
+    token axis, guards), only Inductor's code generation is left out."""
+    import torch
+
+    from worker.models import fused
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, fullgraph=True, options=None: real(fn, fullgraph=fullgraph,
+                                                                                         backend="eager"))
+    monkeypatch.setattr(fused, "_COMPILE_ON_CPU", True)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

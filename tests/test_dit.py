@@ -204,21 +204,6 @@ def test_fp8_linears_track_bf16_and_keep_running():
     assert ((got - ref).norm() / ref.norm()).item() < 0.1
 
 
-@pytest.fixture
-def dynamo_eager(monkeypatch):
-    """fusable traces on the CPU too, with Dynamo's eager backend: the graph is Dynamo's own (fullgraph, symbolic
-    token axis), only Inductor's code generation is left out (as in tests/test_prewarm.py)."""
-    from worker.models import fused
-
-    real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, fullgraph=True, options=None: real(fn, fullgraph=fullgraph,
-                                                                                         backend="eager"))
-    monkeypatch.setattr(fused, "_COMPILE_ON_CPU", True)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("traced", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,tokens,dim", [(1, 5, 24), (2, 7, 64), (1, 3, 5120)])

@@ -11,19 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from worker.models import fused, prewarm
+from worker.models import prewarm
 from worker.models.fused import fusable
 
 
 @pytest.fixture
-def dynamo_on_cpu(monkeypatch):
-    real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, fullgraph=True, options=None: real(fn, fullgraph=fullgraph,
-                                                                                         backend="eager"))
-    monkeypatch.setattr(fused, "_COMPILE_ON_CPU", True)
-    torch._dynamo.reset()
+def dynamo_on_cpu(dynamo_eager):
     yield
-    torch._dynamo.reset()
     prewarm.RECORDER.open(None)
 
 
