@@ -302,7 +302,8 @@ def _time_upsamplers_in_layout(vae: AutoencoderKLWan) -> None:
     (whatever it is patched to) and after it. The same calls on the same cache entries and the same values, up to
     the order of the convs' sums where cuDNN picks another kernel for the other layout (bit for bit in the CPU tests).
     A call that only passes one frame through (the streamed decode's first) keeps diffusers' views, whose size-1
-    time dims get strides that PyTorch (and so cuDNN) reads as channels-first: once per stream."""
+    time dims get strides that PyTorch (and so cuDNN) reads as channels-first: once per stream. On 2 x H200 a rank's
+    band of a chunk went 84 -> 81 ms (docs/PERFORMANCE.md v28b)."""
     for m in vae.modules():
         if isinstance(m, WanResample) and m.mode == "upsample3d":
             m.forward = functools.partial(_upsample3d_in_layout, m)
