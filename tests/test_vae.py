@@ -234,6 +234,21 @@ def test_patched_decoder_equals_diffusers(monkeypatch) -> None:
     _assert_streamed_condition_equal(plain, patched)
 
 
+def _conv3d_bias_as_on_cuda(monkeypatch) -> list[bool]:
+    """conv3d adds its bias the way PyTorch does on CUDA (the conv without bias, then `output.add_(bias)`); returns
+    a list that gets, per call, whether the caller handed the conv its bias."""
+    real_conv3d = torch.nn.functional.conv3d
+    with_bias: list[bool] = []
+
+    def conv3d(x, weight, bias=None, *args, **kwargs):
+        with_bias.append(bias is not None)
+        out = real_conv3d(x, weight, None, *args, **kwargs)
+        return out if bias is None else out.add_(bias.view(-1, 1, 1, 1))
+
+    monkeypatch.setattr(torch.nn.functional, "conv3d", conv3d)
+    return with_bias
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_residual_blocks_with_conv_bias_folded_equal_diffusers(monkeypatch, dtype: torch.dtype) -> None:
     """All the CUDA patches, with the residual blocks' convs run without bias and their biases added inside the
@@ -247,15 +262,7 @@ def test_residual_blocks_with_conv_bias_folded_equal_diffusers(monkeypatch, dtyp
 
     from worker.models import vae as vae_mod
 
-    real_conv3d = torch.nn.functional.conv3d
-    with_bias: list[bool] = []  # per conv3d call: did the caller hand the conv its bias?
-
-    def conv3d_cuda_bias_order(x, weight, bias=None, *args, **kwargs):
-        with_bias.append(bias is not None)
-        out = real_conv3d(x, weight, None, *args, **kwargs)
-        return out if bias is None else out.add_(bias.view(-1, 1, 1, 1))
-
-    monkeypatch.setattr(torch.nn.functional, "conv3d", conv3d_cuda_bias_order)
+    with_bias = _conv3d_bias_as_on_cuda(monkeypatch)
     plain, patched = _plain_and_patched(dtype, vae_mod._fuse_norm_passes, vae_mod._pad_inside_convs)
     blocks = [m for m in patched.vae.decoder.modules() if isinstance(m, WanResidualBlock)]
     assert any(not isinstance(m.conv_shortcut, torch.nn.Identity) for m in blocks)  # both shortcut kinds covered
@@ -390,13 +397,6 @@ def _conv3d_layout_as_on_cuda(monkeypatch) -> None:
     monkeypatch.setattr(torch.nn.functional, "conv3d", conv3d)
 
 
-def _conv3d_weights_channels_last(model: torch.nn.Module) -> None:
-    """StreamingVAE's CUDA conversion of the Conv3d weights to NDHWC, for a model on the CPU."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv3d):
-            m.weight.data = m.weight.data.to(memory_format=torch.channels_last_3d)
-
-
 def _watch_resample(m: torch.nn.Module, seen: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Record (input, output) of m.resample, whatever its forward is by now (diffusers' or the subpixel conv)."""
     inner = m.resample.forward
@@ -415,6 +415,8 @@ def _upsample3d_pair(dtype: torch.dtype, channels_last: bool) -> tuple[torch.nn.
 
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
 
+    from worker.models import vae as vae_mod
+
     g = torch.Generator().manual_seed(5)
     plain = WanResample(6, "upsample3d", upsample_out_dim=5)
     with torch.no_grad():
@@ -422,7 +424,7 @@ def _upsample3d_pair(dtype: torch.dtype, channels_last: bool) -> tuple[torch.nn.
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     plain = plain.to(dtype).eval().requires_grad_(False)
     if channels_last:
-        _conv3d_weights_channels_last(plain)
+        vae_mod._conv3d_weights_channels_last(plain)
     return plain, copy.deepcopy(plain)
 
 
@@ -526,7 +528,7 @@ def _time_layout_pair(dtype: torch.dtype, channels_last: bool, *patches) -> tupl
     patched = build_vae(PRESETS["tiny"].vae, dtype, "cpu", seed=0)
     for model in (plain, patched):
         if channels_last:
-            _conv3d_weights_channels_last(model)
+            vae_mod._conv3d_weights_channels_last(model)
         for patch in patches:
             patch(model)
     vae_mod._time_upsamplers_in_layout(patched)
@@ -580,13 +582,7 @@ def test_time_layout_with_all_cuda_patches_equals_without(monkeypatch, layout_fi
     streamed decode bit for bit what it was without it (fp32)."""
     from worker.models import vae as vae_mod
 
-    real_conv3d = torch.nn.functional.conv3d
-
-    def conv3d_cuda_bias_order(x, weight, bias=None, *args, **kwargs):
-        out = real_conv3d(x, weight, None, *args, **kwargs)
-        return out if bias is None else out.add_(bias.view(-1, 1, 1, 1))
-
-    monkeypatch.setattr(torch.nn.functional, "conv3d", conv3d_cuda_bias_order)
+    _conv3d_bias_as_on_cuda(monkeypatch)
     _conv3d_layout_as_on_cuda(monkeypatch)  # on top: NDHWC results
     patches = [vae_mod._fuse_norm_passes, vae_mod._pad_inside_convs, vae_mod._upsample_in_own_dtype]
     if not layout_first:

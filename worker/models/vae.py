@@ -35,7 +35,7 @@ from worker.config import MASK_CHANNELS, VAE_Z_DIM, pixel_frames_for_chunk
 from worker.models.causal_conv import cached_causal_conv, causal_conv3d
 from worker.models.condition_stream import ConditionStream, encoder_layer_count
 from worker.models.fused import conv_bias_residual, conv_bias_rms_norm, wan_rms_norm
-from worker.models.vae_rows import decode_rows
+from worker.models.vae_rows import activation_format, decode_rows
 
 # Latent channels of the DiT's condition y: 4 mask channels then the 16-channel image latent.
 CONDITION_CHANNELS = MASK_CHANNELS + VAE_Z_DIM
@@ -71,11 +71,7 @@ class StreamingVAE:
         p = next(vae.parameters())
         self.dtype, self.device = p.dtype, p.device
         if self.device.type == "cuda":
-            # cuDNN's implicit-GEMM conv3d is faster on NDHWC weights: 273 -> 226 ms per 12-frame chunk at
-            # 832x480 on an H200 (docs/PERFORMANCE.md). Same module for streamed and one-shot, so they still match.
-            for m in vae.modules():
-                if isinstance(m, torch.nn.Conv3d):
-                    m.weight.data = m.weight.data.to(memory_format=torch.channels_last_3d)
+            _conv3d_weights_channels_last(vae)
             if os.environ.get("LINGBOT_VAE_FUSED_NORM", "1") != "0":
                 _fuse_norm_passes(vae)
             if os.environ.get("LINGBOT_VAE_CONV_PAD", "1") != "0":
@@ -192,6 +188,15 @@ class StreamingVAE:
         out = self.vae.decode(self.denormalize(latents)[None]).sample[0]
         self.vae.clear_cache()
         return out
+
+
+def _conv3d_weights_channels_last(vae: AutoencoderKLWan) -> None:
+    """Every Conv3d weight in NDHWC: cuDNN's implicit-GEMM conv3d is faster on them, 273 -> 226 ms per 12-frame
+    chunk at 832x480 on an H200 (docs/PERFORMANCE.md v1), and its outputs are NDHWC too. The same modules serve
+    the streamed and the one-shot decode, so they still match."""
+    for m in vae.modules():
+        if isinstance(m, torch.nn.Conv3d):
+            m.weight.data = m.weight.data.to(memory_format=torch.channels_last_3d)
 
 
 def _fuse_norm_passes(vae: AutoencoderKLWan) -> None:
@@ -340,8 +345,7 @@ def _interleave_frames(y: torch.Tensor) -> torch.Tensor:
     """[b, 2c, t, h, w] -> [b, c, 2t, h, w]: frame 2 tau + p is channels [pc, pc + c) of frame tau (diffusers'
     reshape, stack and reshape), written by one copy into a tensor of y's memory format."""
     b, c2, t, h, w = y.shape
-    fmt = torch.channels_last_3d if y.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
-    out = torch.empty((b, c2 // 2, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=fmt)
+    out = torch.empty((b, c2 // 2, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=activation_format(y))
     out.unflatten(2, (t, 2)).copy_(y.unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 1, 4, 5))
     return out
 

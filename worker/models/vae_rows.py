@@ -138,13 +138,17 @@ def _balanced_bands(decoder: WanDecoder3d, latent_rows: int, parts: int) -> tupl
     return tuple(best)
 
 
+def activation_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of a [B, C, T, H, W] activation: channels-last (NDHWC, as on CUDA) or channels-first."""
+    return torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
+
+
 def _crop(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of a [B, C, T, H, W] activation, in the memory layout the convs want (a view of
     channels-last rows is not channels-last-contiguous, and cuDNN would copy it anyway)."""
     if start == 0 and stop == x.shape[3]:
         return x
-    fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
-    return x[:, :, :, start:stop].contiguous(memory_format=fmt)
+    return x[:, :, :, start:stop].contiguous(memory_format=activation_format(x))
 
 
 def decode_rows(decoder: WanDecoder3d, x: torch.Tensor, rows: tuple[int, int], feat_cache: list,
