@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.models import prewarm
+from worker.models import frame_pairs, prewarm
 
 log = logging.getLogger("worker.fused")
 _COMPILE = os.environ.get("LINGBOT_COMPILE", "1") != "0"
@@ -201,16 +201,20 @@ def linear_gelu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.gelu(linear(x), approximate="tanh")
 
 
+def _wan_rms(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias, silu: bool, dim: int) -> torch.Tensor:
+    xf = x.float()
+    n = (xf / xf.norm(2, dim, keepdim=True).clamp_min(1e-12)).to(x.dtype)
+    y = n * scale * gamma + bias
+    return F.silu(y) if silu else y
+
+
 @fusable(tokens={0: (2, 3, 4)}, single_pass_rows=False)  # T, H, W vary with the request and the decoder stage
 def wan_rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias, silu: bool = False) -> torch.Tensor:
     """The Wan VAE's channel RMSNorm (diffusers' WanRMS_norm: F.normalize over channels in fp32, then
     * sqrt(C) * gamma + bias), and with silu the SiLU that follows it in every residual block, in one pass.
     Eagerly it is six passes over a [1, C, T, H, W] tensor, several of them broadcasting kernels that do not
     vectorise on channels-last activations: most of the decoder's non-conv time."""
-    xf = x.float()
-    n = (xf / xf.norm(2, 1, keepdim=True).clamp_min(1e-12)).to(x.dtype)
-    y = n * scale * gamma + bias
-    return F.silu(y) if silu else y
+    return _wan_rms(x, gamma, scale, bias, silu, 1)
 
 
 # The Wan VAE's residual blocks run their two 3x3x3 convs without bias (worker.models.vae._fuse_residual_blocks):
@@ -232,3 +236,33 @@ def conv_bias_rms_norm(x: torch.Tensor, conv_bias: torch.Tensor, gamma: torch.Te
 def conv_bias_residual(x: torch.Tensor, conv_bias: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     """(x + conv_bias) + shortcut, in that order: a residual block's last conv's bias add and its residual add."""
     return x + _channel_bias(conv_bias) + shortcut
+
+
+# The same chains for the residual blocks that run their convs on frame pairs (worker/models/frame_pairs.py,
+# worker.models.vae._paired_residual_blocks): each computes in the memory order of its output, where channels come
+# last, and writes the layout the next op reads (pairs into the conv, frames out of the block) in the same pass.
+def _last(t):
+    """A norm's [C, 1, 1, 1] parameter (or its scalar 0.) for tensors with channels last."""
+    return t.reshape(-1) if isinstance(t, torch.Tensor) else t
+
+
+@fusable(tokens={0: (2, 3, 4)}, single_pass_rows=False)
+def wan_rms_norm_to_pairs(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias, silu: bool = False) -> torch.Tensor:
+    """frame_pairs.to_pairs(wan_rms_norm(x)): [B, C, 2n, H, W] -> packed [B, 2C, n, H, W]."""
+    y = x.permute(0, 2, 3, 4, 1).unflatten(1, (x.shape[2] // 2, 2)).permute(0, 1, 3, 4, 2, 5)  # [B, n, H, W, 2, C]
+    return frame_pairs.from_memory_order(_wan_rms(y, _last(gamma), scale, _last(bias), silu, -1).contiguous())
+
+
+@fusable(tokens={0: (2, 3, 4)}, single_pass_rows=False)
+def conv_bias_rms_norm_pairs(p: torch.Tensor, conv_bias: torch.Tensor, gamma: torch.Tensor, scale: float, bias,
+                             silu: bool = False) -> torch.Tensor:
+    """conv_bias_rms_norm on packed frame pairs, packed in and out."""
+    y = frame_pairs.pairs_view(p) + conv_bias
+    return frame_pairs.from_memory_order(_wan_rms(y, _last(gamma), scale, _last(bias), silu, -1).contiguous())
+
+
+@fusable(tokens={0: (2, 3, 4), 2: (2, 3, 4)}, single_pass_rows=False)
+def conv_bias_residual_from_pairs(p: torch.Tensor, conv_bias: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """conv_bias_residual(frame_pairs.from_pairs(p), conv_bias, shortcut), channels-last-3d."""
+    y = frame_pairs.pairs_view(p).permute(0, 1, 4, 2, 3, 5).flatten(1, 2)  # [B, T, H, W, C]
+    return ((y + conv_bias) + shortcut.permute(0, 2, 3, 4, 1)).contiguous().permute(0, 4, 1, 2, 3)

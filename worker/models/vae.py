@@ -34,7 +34,15 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 from worker.config import MASK_CHANNELS, VAE_Z_DIM, pixel_frames_for_chunk
 from worker.models.causal_conv import cached_causal_conv, causal_conv3d
 from worker.models.condition_stream import ConditionStream, encoder_layer_count
-from worker.models.fused import conv_bias_residual, conv_bias_rms_norm, wan_rms_norm
+from worker.models import frame_pairs
+from worker.models.fused import (
+    conv_bias_residual,
+    conv_bias_residual_from_pairs,
+    conv_bias_rms_norm,
+    conv_bias_rms_norm_pairs,
+    wan_rms_norm,
+    wan_rms_norm_to_pairs,
+)
 from worker.models.vae_rows import activation_format, decode_rows
 
 # Latent channels of the DiT's condition y: 4 mask channels then the 16-channel image latent.
@@ -74,6 +82,8 @@ class StreamingVAE:
             _conv3d_weights_channels_last(vae)
             if os.environ.get("LINGBOT_VAE_FUSED_NORM", "1") != "0":
                 _fuse_norm_passes(vae)
+                if os.environ.get("LINGBOT_VAE_PAIRS", "1") != "0":
+                    _paired_residual_blocks(vae)
             if os.environ.get("LINGBOT_VAE_CONV_PAD", "1") != "0":
                 _pad_inside_convs(vae)
             _upsample_in_own_dtype(vae)
@@ -377,6 +387,40 @@ def _fused_residual_forward(
     x = conv_bias_rms_norm(x, m.conv1.bias, m.norm2.gamma, m.norm2.scale, m.norm2.bias, True)
     x = cached_causal_conv(m.conv2, m.dropout(x), feat_cache, feat_idx, bias=False)
     return conv_bias_residual(x, m.conv2.bias, h)
+
+
+
+# cuDNN runs a Hopper conv kernel for output channels from 128 up; below (Wan's 96) the decoder's convs run on pairs.
+PAIRED_BELOW = 128
+
+
+def _paired_residual_blocks(vae: AutoencoderKLWan) -> None:
+    """The decoder's residual blocks of fewer than PAIRED_BELOW channels run their two 3x3x3 convs on frame pairs
+    (worker/models/frame_pairs.py): at 832x480 the last stage's six convs per latent frame, the largest part of a
+    decode. Their norms write the pairs and the residual add reads them back, in the kernels they already were
+    (worker.models.fused). Calls with an odd frame count (the stream's first latent frame) run the blocks as
+    before. Same products as the unpaired convs, in sums of another order. Runs after _fuse_residual_blocks,
+    whose forward is the odd-count path; the encoder is left as it is."""
+    for m in vae.decoder.modules():
+        if isinstance(m, WanResidualBlock) and isinstance(m.forward, functools.partial) and m.out_dim < PAIRED_BELOW:
+            weights = (frame_pairs.pair_weight(m.conv1.weight), frame_pairs.pair_weight(m.conv2.weight))
+            m.forward = functools.partial(_paired_residual_forward, m, weights)
+
+
+def _paired_residual_forward(
+    m: WanResidualBlock, weights: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+    feat_cache: list | None = None, feat_idx: list[int] | None = None,
+) -> torch.Tensor:
+    if feat_cache is None or x.shape[2] % 2:
+        if feat_cache is not None:
+            frame_pairs.unpair_caches(feat_cache, feat_idx[0], (m.conv1.in_channels, m.conv2.in_channels))
+        return _fused_residual_forward(m, x, feat_cache, feat_idx)
+    h = m.conv_shortcut(x)
+    a = wan_rms_norm_to_pairs(x, m.norm1.gamma, m.norm1.scale, m.norm1.bias, True)
+    a = frame_pairs.paired_causal_conv(m.conv1, weights[0], a, feat_cache, feat_idx)
+    a = conv_bias_rms_norm_pairs(a, m.conv1.bias, m.norm2.gamma, m.norm2.scale, m.norm2.bias, True)
+    a = frame_pairs.paired_causal_conv(m.conv2, weights[1], m.dropout(a), feat_cache, feat_idx)
+    return conv_bias_residual_from_pairs(a, m.conv2.bias, h)
 
 
 __all__ = ["StreamingVAE", "build_vae", "load_vae", "CONDITION_CHANNELS"]

@@ -1,0 +1,96 @@
+"""Pairs of frames side by side on the channel axis: the layout the decoder's 96-channel convs run in on CUDA.
+
+cuDNN has no Hopper kernel for 96 output channels: the decoder's full-resolution 3x3x3 convs ran an sm80 kernel
+at ~240-300 TFLOP/s, ~40% of a decode's GPU time (docs/PERFORMANCE.md v21, v29). Packed, frames 2s and 2s + 1 are
+one frame of 2C channels, and the causal conv's 3 time taps over frames become 2 taps over pairs, 2C in and 2C
+out: 6 of the packed kernel's 8 [C, C] tap blocks are the conv's own taps and 2 are zero, so 4/3 of the FLOPs, at
+the rate of cuDNN's 192-channel Hopper kernel (`scripts/conv_pairs.py`, 1 x H100: 3.28 -> 1.92 ms a call).
+
+The packed tensor [B, 2C, n, H, W] is channels-last-3d: in memory [B, n, H, W, 2, C], frame 2s's channels, then
+frame 2s + 1's, at every pixel. The causal cache of a packed conv is the input's last pair, a [B, 2C, 1, H, W]
+tensor in the same feature-cache slot where diffusers keeps its last 2 frames.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+# (output frame in its pair a, input frame in its pair b, tap over pairs d) -> the conv's own time tap k: output
+# frame 2s + a reads input frame 2s + a - 2 + k, which is frame b of pair s - 1 + d.
+PAIR_TAPS = {(0, 0, 0): 0, (0, 1, 0): 1, (0, 0, 1): 2, (1, 1, 0): 0, (1, 0, 1): 1, (1, 1, 1): 2}
+
+
+def pair_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A causal conv's [O, I, 3, kh, kw] weight -> [2O, 2I, 2, kh, kw] for pairs (channels-last-3d, weight's dtype)."""
+    o, i = weight.shape[:2]
+    packed = weight.new_zeros(2 * o, 2 * i, 2, *weight.shape[3:])
+    for (a, b, d), k in PAIR_TAPS.items():
+        packed[a * o:(a + 1) * o, b * i:(b + 1) * i, d] = weight[:, :, k]
+    return packed.contiguous(memory_format=torch.channels_last_3d)
+
+
+def pairs_view(p: torch.Tensor) -> torch.Tensor:
+    """Packed [B, 2C, n, H, W] -> its memory order [B, n, H, W, 2, C] (a view)."""
+    return p.permute(0, 2, 3, 4, 1).unflatten(-1, (2, -1))
+
+
+def from_memory_order(y: torch.Tensor) -> torch.Tensor:
+    """[B, n, H, W, 2, C] -> packed [B, 2C, n, H, W] (a view when y is contiguous)."""
+    return y.flatten(-2).permute(0, 4, 1, 2, 3)
+
+
+def to_pairs(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, 2n, H, W] -> packed [B, 2C, n, H, W] (a copy)."""
+    y = x.permute(0, 2, 3, 4, 1).unflatten(1, (x.shape[2] // 2, 2)).permute(0, 1, 3, 4, 2, 5)  # [B, n, H, W, 2, C]
+    return from_memory_order(y.contiguous())
+
+
+def from_pairs(p: torch.Tensor) -> torch.Tensor:
+    """Packed [B, 2C, n, H, W] -> [B, C, 2n, H, W] channels-last-3d (a copy)."""
+    y = pairs_view(p).permute(0, 1, 4, 2, 3, 5)  # [B, n, 2, H, W, C]
+    return y.reshape(y.shape[0], -1, *y.shape[3:]).contiguous().permute(0, 4, 1, 2, 3)
+
+
+def is_pair(cache: object, channels: int) -> bool:
+    """Whether a feature-cache entry of a conv with `channels` inputs is a packed pair (else frames, or None)."""
+    return isinstance(cache, torch.Tensor) and cache.shape[1] == 2 * channels
+
+
+def front_pair(cache: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor:
+    """The 2 frames before packed input `a` as one pair: the cached pair, or the cached frames (diffusers' form:
+    1 or 2 of them, after a call with an odd frame count) behind zero frames, or zeros (the conv's causal padding)."""
+    channels = a.shape[1] // 2
+    if is_pair(cache, channels):
+        return cache
+    frames = torch.empty(a.shape[0], channels, 2, *a.shape[3:], dtype=a.dtype, device=a.device,
+                         memory_format=torch.channels_last_3d).zero_()
+    if cache is not None:
+        k = min(cache.shape[2], 2)
+        frames[:, :, 2 - k:] = cache[:, :, -k:]
+    return to_pairs(frames)
+
+
+def unpair_caches(feat_cache: list, first: int, channels: tuple[int, ...]) -> None:
+    """Put the packed pairs in feat_cache[first:first + len(channels)] back in diffusers' form (2 frames), for a
+    call that runs the plain convs (an odd frame count) after packed ones."""
+    for i, c in enumerate(channels):
+        if is_pair(feat_cache[first + i], c):
+            feat_cache[first + i] = from_pairs(feat_cache[first + i])
+
+
+def paired_causal_conv(conv: WanCausalConv3d, weight: torch.Tensor, a: torch.Tensor, feat_cache: list,
+                       feat_idx: list[int]) -> torch.Tensor:
+    """The causal conv (without its bias) on packed `a`, behind the pair cached for it; caches a's last pair.
+    Same products as diffusers' WanCausalConv3d behind its cached frames, and the same 2 frames cached."""
+    idx = feat_idx[0]
+    front = front_pair(feat_cache[idx], a)
+    last = a[:, :, -1:]
+    if a.shape[2] > 1:
+        last = last.clone()  # a view would keep all of a alive until the next call
+    pw, _, ph, _, _, _ = conv._padding  # WanCausalConv3d's (w, w, h, h, 2 * t, 0): spatial padding inside the conv
+    out = F.conv3d(torch.cat([front, a], dim=2), weight, None, 1, (0, ph, pw))
+    feat_cache[idx] = last
+    feat_idx[0] += 1
+    return out
