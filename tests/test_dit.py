@@ -100,6 +100,19 @@ def test_kv_cached_chunks_equal_block_causal_full_forward(sink, window, expect_l
     assert not torch.allclose(model(x, y, 500.0, model.encode_text(text), ctx), chunked, atol=1e-3)
 
 
+def test_self_attention_asks_for_the_wave_split_on_one_rank(monkeypatch):
+    """One rank's self-attention offers FA4's last wave to wave_split (where it was measured to pay); the
+    cross-attention never does (worker/models/wave_split.py)."""
+    from worker.models import dit
+
+    asked = []
+    real = dit.attention
+    monkeypatch.setattr(dit, "attention", lambda *a, **kw: asked.append(kw.get("wave_split", False)) or real(*a, **kw))
+    model = build_dit(TINY, dtype=torch.float32, seed=1)
+    _chunked(model, *_inputs(1), sink=1, window=3)
+    assert asked.count(True) == TINY.num_layers and asked.count(False) == TINY.num_layers
+
+
 def test_official_eviction_examples():
     # reference fast_rollout.md section 5: L=12,S=3 -> after chunk 4 [0,1,2,6..14]; after chunk 6 [0,1,2,12..20]
     c = KVCache(num_layers=1, frame_tokens=1, total_frames=21, sink=3, window=9, heads=1, head_dim=2,

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from worker.models import wave_split as waves
+
 log = logging.getLogger("worker.attention")
 
 BACKENDS = ("auto", "sdpa", "fa4")
@@ -43,11 +45,16 @@ def backend_setting() -> str:
     return value
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D]."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+              wave_split: bool = False) -> torch.Tensor:
+    """[B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D]. wave_split: FA4's last wave may be filled by a few heads'
+    keys split beside the rest (worker/models/wave_split.py), where its plan predicts a gain."""
     setting = os.environ.get("LINGBOT_ATTENTION")
     if mask is None and _use_fa4(q.device, q.dtype, q.shape[-1], setting):
-        if k.shape[1] > SHORT_KEYS or backend_setting() == "fa4":
+        if k.shape[1] > SHORT_KEYS:
+            out = waves.attention(q, k, v, _fa4_fwd) if wave_split else None
+            return out if out is not None else _fa4_call()(q, k, v)[0]
+        if backend_setting() == "fa4":
             return _fa4_call()(q, k, v)[0]
         with sdpa_kernel(_CUDNN_FIRST, set_priority=True):
             return _sdpa(q, k, v, None)
@@ -143,3 +150,12 @@ def _fa4_call():
     from flash_attn.cute import flash_attn_func  # imports the CuTe DSL: seconds, so only on first use
 
     return flash_attn_func
+
+
+@functools.lru_cache(maxsize=1)
+def _fa4_fwd():
+    # The function behind flash_attn_func, which also takes `out` (wave_split writes two head groups into one
+    # output). Private, so the fa4 extra pins the package's version.
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    return _flash_attn_fwd

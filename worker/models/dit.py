@@ -190,7 +190,8 @@ class SelfAttention(Attention):
                 k, v = ctx.cache.visible(layer) if slots else ctx.cache.write(layer, k, v)
         if cache_only:
             return None
-        out = attention(q, k, v, ctx.attn_mask)
+        # One rank's whole set of heads is where filling FA4's last wave was measured to pay (wave_split.py).
+        out = attention(q, k, v, ctx.attn_mask, wave_split=not sp.enabled)
         return _linear_from_head_groups(self.o, sp.heads_to_seq_ordered(out, self.num_heads), self.head_dim,
                                         sp.split_heads(self.num_heads))
 
