@@ -8,8 +8,11 @@ mask): a chunk's 4680 queries are 37 tiles of 128, so 40 heads are 1480 CTAs = 1
 Split: H - h heads run as before (stream A, high priority); the other h heads run on stream B with their keys cut
 into s parts, as a batch of s (the queries broadcast, stride 0), and the parts' outputs are merged by their
 log-sum-exps. Stream B's short CTAs fill the SMs that stream A's last wave leaves idle. Prints, per setting, ms
-per call (a CUDA graph of `--calls` calls, replayed `--loops` times with the settings in turn; median), TFLOP/s of the attention's own
-FLOPs, the waves a greedy schedule predicts, and the largest difference from the one-call output.
+per call (a CUDA graph of `--calls` calls, replayed `--loops` times with the settings in turn; median), TFLOP/s
+of the attention's own FLOPs, the waves a greedy schedule predicts, and the largest difference from the one-call
+output. The split is worker/models/wave_split.py's, with the setting given instead of its plan's (the v29a figures
+came from this script's first form, with its own copy of the split and the side stream at the lowest priority).
+Here each split setting also copies its output into the timed buffer, ~20 us a call that the DiT does not pay.
 """
 import argparse
 import functools
@@ -17,23 +20,14 @@ import statistics
 
 import torch
 
-FRAME_TOKENS, QUERY_FRAMES, HEAD_DIM, Q_TILE = 1560, 3, 128, 128
+from worker.models import wave_split
+
+FRAME_TOKENS, QUERY_FRAMES, HEAD_DIM = 1560, 3, 128
 SETTINGS = {  # heads on the rank -> (heads split, parts) to try: the best few of predicted_waves, and neighbours
     40: [(1, 4), (1, 3), (1, 6), (2, 3), (2, 4), (4, 4)],
     20: [(3, 3), (4, 3), (3, 4), (4, 4), (5, 3), (2, 4)],
     10: [(1, 3), (1, 6), (2, 4), (3, 6)],
 }
-
-
-def predicted_waves(heads: int, split: int, parts: int, sms: int, lq: int, fixed: float = 0.03) -> float:
-    """Greedy list schedule: stream A's CTAs (length 1) first, then stream B's (1/parts + a fixed cost each)."""
-    tiles = -(-lq // Q_TILE)
-    free = [0.0] * sms
-    jobs = [1.0] * ((heads - split) * tiles) + [1.0 / parts + fixed] * (split * tiles * parts if split else 0)
-    for j in jobs:
-        i = min(range(sms), key=free.__getitem__)
-        free[i] += j
-    return max(free)
 
 
 def main() -> None:
@@ -55,26 +49,13 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "SMs", sms, flush=True)
     lq, lk = QUERY_FRAMES * FRAME_TOKENS, args.span * FRAME_TOKENS
-    hi, lo = torch.cuda.Stream(priority=-2), torch.cuda.Stream(priority=0)
+    hi = torch.cuda.Stream(priority=-2)  # the DiT's stream; wave_split's side stream runs one level lower
 
     def one_call(q, k, v, out):
         _flash_attn_fwd(q, k, v, out=out)
 
     def split_call(q, k, v, out, split, parts):
-        keep = q.shape[2] - split
-        ready = torch.cuda.Event()
-        ready.record(hi)
-        _flash_attn_fwd(q[:, :, :keep], k[:, :, :keep], v[:, :, :keep], out=out[:, :, :keep])
-        with torch.cuda.stream(lo):
-            lo.wait_event(ready)
-            qs = q[:, :, keep:].expand(parts, -1, -1, -1)
-            ks, vs = (t[0, :, keep:].unflatten(0, (parts, -1)) for t in (k, v))
-            o, lse = _flash_attn_fwd(qs, ks, vs, return_lse=True)[:2]  # [parts, L, h, D], [parts, h, L]
-            w = torch.softmax(lse, dim=0).transpose(1, 2).unsqueeze(-1)  # [parts, L, h, 1]
-            out[:, :, keep:].copy_((o.float() * w).sum(0, keepdim=True))
-            done = torch.cuda.Event()
-            done.record(lo)
-        hi.wait_event(done)
+        out.copy_(wave_split.attention(q, k, v, lambda: _flash_attn_fwd, split=(split, parts)))
 
     with torch.inference_mode(), torch.cuda.stream(hi):
         for heads in args.heads:
@@ -110,9 +91,10 @@ def main() -> None:
             for (split, parts), (_, diff, rel, times, _) in graphs.items():
                 ms = statistics.median(times)
                 label = "one call" if split == 0 else f"{split} heads' keys in {parts}"
+                waves = wave_split.predicted_waves(heads, split, parts, sms, lq)
                 print(f"heads {heads:>2} {label:<22} {ms:7.3f} ms ({ms / base:.3f}x) {flops / ms / 1e9:6.0f} TFLOP/s  "
-                      f"waves (model) {predicted_waves(heads, split, parts, sms, lq):5.2f}  max|diff| {diff:.2e} "
-                      f"rel L2 {rel:.1e}  min {min(times):.3f} max {max(times):.3f}", flush=True)
+                      f"waves (model) {waves:5.2f}  max|diff| {diff:.2e} rel L2 {rel:.1e}  "
+                      f"min {min(times):.3f} max {max(times):.3f}", flush=True)
             del graphs
 
 

@@ -74,7 +74,8 @@ def _model(paired: bool, dtype: torch.dtype) -> StreamingVAE:
 def _count_paired_convs(monkeypatch) -> list[int]:
     calls: list[int] = []
     real = frame_pairs.paired_causal_conv
-    monkeypatch.setattr(frame_pairs, "paired_causal_conv", lambda *a, **kw: calls.append(a[2].shape[2]) or real(*a, **kw))
+    monkeypatch.setattr(frame_pairs, "paired_causal_conv",
+                        lambda *a, **kw: calls.append(a[2].shape[2]) or real(*a, **kw))
     return calls
 
 

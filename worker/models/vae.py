@@ -32,9 +32,9 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 
 from worker.config import MASK_CHANNELS, VAE_Z_DIM, pixel_frames_for_chunk
+from worker.models import frame_pairs
 from worker.models.causal_conv import cached_causal_conv, causal_conv3d
 from worker.models.condition_stream import ConditionStream, encoder_layer_count
-from worker.models import frame_pairs
 from worker.models.fused import (
     conv_bias_residual,
     conv_bias_residual_from_pairs,
@@ -389,8 +389,8 @@ def _fused_residual_forward(
     return conv_bias_residual(x, m.conv2.bias, h)
 
 
-
-# cuDNN runs a Hopper conv kernel for output channels from 128 up; below (Wan's 96) the decoder's convs run on pairs.
+# cuDNN has Hopper conv kernels for the decoder's 128 (padded), 192 and 384 output channels, not for its 96
+# (docs/PERFORMANCE.md v21, v29b): blocks below this width run their convs on frame pairs.
 PAIRED_BELOW = 128
 
 

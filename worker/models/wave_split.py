@@ -14,9 +14,10 @@ parts, 0.949x the one call's time over 60 interleaved graph replays (model: 0.94
 2 GPUs), model 0.97x, measured 0.99-1.00x; 10 heads, model and measurement 1.0x. In the one-GPU rollout the
 decode, which runs beside the DiT at low priority, had been filling those idle SMs: with the decode's convs on
 frame pairs (v29b) the DiT took 11-19 ms less per chunk and the 14-chunk rollout 2% less time; before them,
-0-5 ms. So the DiT asks for it on one rank only (`attention(..., wave_split=True)`), the one setting measured
+0-17 ms of DiT and nothing end to end beyond the runs' spread. So the DiT asks for it on one rank only (`attention(..., wave_split=True)`), the one setting measured
 to gain; LINGBOT_ATTENTION_SPLIT=0 turns it off.
 """
+
 from __future__ import annotations
 
 import functools
@@ -78,14 +79,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fa4_fwd: Callable[[], Callable]) -> torch.Tensor | None:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fa4_fwd: Callable[[], Callable],
+              split: tuple[int, int] | None = None) -> torch.Tensor | None:
     """[1, Lq, H, D] x [1, Lk, H, D] -> [1, Lq, H, D] with the plan's heads split, by FA4's `_flash_attn_fwd`
     (fa4_fwd() returns it: it takes `out` and returns (out, lse, ...)); None where there is no plan (the caller
-    runs one call)."""
+    runs one call). split: (heads, parts) instead of the plan's (scripts/attention_waves.py times several)."""
     if q.shape[0] != 1 or q.device.type != "cuda" or setting() == "0":
         return None
     heads = q.shape[2]
-    chosen = plan(heads, q.shape[1], _sm_count(q.device.index if q.device.index is not None else 0))
+    chosen = split or plan(heads, q.shape[1], _sm_count(q.device.index if q.device.index is not None else 0))
     if chosen is None or k.shape[1] % chosen[1]:
         return None
     fwd = fa4_fwd()
