@@ -536,10 +536,10 @@ def _time_layout_pair(dtype: torch.dtype, channels_last: bool, *patches) -> tupl
 
 
 def _count_interleaves(monkeypatch, seen: list) -> None:
-    from worker.models import vae as vae_mod
+    from worker.models import frame_pairs
 
-    real = vae_mod._interleave_frames
-    monkeypatch.setattr(vae_mod, "_interleave_frames", lambda y: seen.append(y) or real(y))
+    real = frame_pairs.from_pairs
+    monkeypatch.setattr(frame_pairs, "from_pairs", lambda y, *fmt: seen.append(y) or real(y, *fmt))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

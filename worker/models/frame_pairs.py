@@ -8,7 +8,8 @@ the rate of cuDNN's 192-channel Hopper kernel (`scripts/conv_pairs.py`, 1 x H100
 
 The packed tensor [B, 2C, n, H, W] is channels-last-3d: in memory [B, n, H, W, 2, C], frame 2s's channels, then
 frame 2s + 1's, at every pixel. The causal cache of a packed conv is the input's last pair, a [B, 2C, 1, H, W]
-tensor in the same feature-cache slot where diffusers keeps its last 2 frames.
+tensor in the same feature-cache slot where diffusers keeps its last 2 frames. The decoder's temporal upsamplers
+produce the same layout (their time conv's two channel halves are two frames), and `from_pairs` interleaves both.
 """
 
 from __future__ import annotations
@@ -41,16 +42,28 @@ def from_memory_order(y: torch.Tensor) -> torch.Tensor:
     return y.flatten(-2).permute(0, 4, 1, 2, 3)
 
 
+def frames_in_pairs_order(x: torch.Tensor) -> torch.Tensor:
+    """Frames [B, C, 2n, H, W] as [B, n, H, W, 2, C], the packed layout's memory order (a view, strided)."""
+    return x.permute(0, 2, 3, 4, 1).unflatten(1, (x.shape[2] // 2, 2)).permute(0, 1, 3, 4, 2, 5)
+
+
+def pairs_in_frames_order(p: torch.Tensor) -> torch.Tensor:
+    """Packed [B, 2C, n, H, W] as [B, 2n, H, W, C], the frames' channels-last memory order (a copy, in general)."""
+    return pairs_view(p).permute(0, 1, 4, 2, 3, 5).flatten(1, 2)
+
+
 def to_pairs(x: torch.Tensor) -> torch.Tensor:
     """[B, C, 2n, H, W] -> packed [B, 2C, n, H, W] (a copy)."""
-    y = x.permute(0, 2, 3, 4, 1).unflatten(1, (x.shape[2] // 2, 2)).permute(0, 1, 3, 4, 2, 5)  # [B, n, H, W, 2, C]
-    return from_memory_order(y.contiguous())
+    return from_memory_order(frames_in_pairs_order(x).contiguous())
 
 
-def from_pairs(p: torch.Tensor) -> torch.Tensor:
-    """Packed [B, 2C, n, H, W] -> [B, C, 2n, H, W] channels-last-3d (a copy)."""
-    y = pairs_view(p).permute(0, 1, 4, 2, 3, 5)  # [B, n, 2, H, W, C]
-    return y.reshape(y.shape[0], -1, *y.shape[3:]).contiguous().permute(0, 4, 1, 2, 3)
+def from_pairs(p: torch.Tensor, memory_format: torch.memory_format = torch.channels_last_3d) -> torch.Tensor:
+    """Packed [B, 2C, n, H, W] -> [B, C, 2n, H, W]: frame 2s + a is channels [aC, (a + 1)C) of pair s. One copy,
+    into a tensor of `memory_format` (the temporal upsamplers pass their activation's)."""
+    b, c2, n, h, w = p.shape
+    out = torch.empty((b, c2 // 2, 2 * n, h, w), dtype=p.dtype, device=p.device, memory_format=memory_format)
+    out.unflatten(2, (n, 2)).copy_(p.unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 1, 4, 5))
+    return out
 
 
 def is_pair(cache: object, channels: int) -> bool:

@@ -249,7 +249,7 @@ def _last(t):
 @fusable(tokens={0: (2, 3, 4)}, single_pass_rows=False)
 def wan_rms_norm_to_pairs(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias, silu: bool = False) -> torch.Tensor:
     """frame_pairs.to_pairs(wan_rms_norm(x)): [B, C, 2n, H, W] -> packed [B, 2C, n, H, W]."""
-    y = x.permute(0, 2, 3, 4, 1).unflatten(1, (x.shape[2] // 2, 2)).permute(0, 1, 3, 4, 2, 5)  # [B, n, H, W, 2, C]
+    y = frame_pairs.frames_in_pairs_order(x)
     return frame_pairs.from_memory_order(_wan_rms(y, _last(gamma), scale, _last(bias), silu, -1).contiguous())
 
 
@@ -264,5 +264,5 @@ def conv_bias_rms_norm_pairs(p: torch.Tensor, conv_bias: torch.Tensor, gamma: to
 @fusable(tokens={0: (2, 3, 4), 2: (2, 3, 4)}, single_pass_rows=False)
 def conv_bias_residual_from_pairs(p: torch.Tensor, conv_bias: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     """conv_bias_residual(frame_pairs.from_pairs(p), conv_bias, shortcut), channels-last-3d."""
-    y = frame_pairs.pairs_view(p).permute(0, 1, 4, 2, 3, 5).flatten(1, 2)  # [B, T, H, W, C]
+    y = frame_pairs.pairs_in_frames_order(p)
     return ((y + conv_bias) + shortcut.permute(0, 2, 3, 4, 1)).contiguous().permute(0, 4, 1, 2, 3)

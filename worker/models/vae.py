@@ -343,21 +343,13 @@ def _upsample3d_in_layout(
             if cache_x.shape[2] < CACHE_T:
                 front = torch.zeros_like(cache_x) if rep else prev[:, :, -1:].to(cache_x.device)
                 cache_x = torch.cat([front, cache_x], dim=2)
-            x = _interleave_frames(m.time_conv(x) if rep else m.time_conv(x, prev))
+            y = m.time_conv(x) if rep else m.time_conv(x, prev)
+            x = frame_pairs.from_pairs(y, activation_format(y))  # its two channel halves are two frames
             feat_cache[idx] = cache_x
         feat_idx[0] += 1
     t = x.shape[2]
     x = m.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # a view of a channels-last x
     return x.view(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
-
-
-def _interleave_frames(y: torch.Tensor) -> torch.Tensor:
-    """[b, 2c, t, h, w] -> [b, c, 2t, h, w]: frame 2 tau + p is channels [pc, pc + c) of frame tau (diffusers'
-    reshape, stack and reshape), written by one copy into a tensor of y's memory format."""
-    b, c2, t, h, w = y.shape
-    out = torch.empty((b, c2 // 2, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=activation_format(y))
-    out.unflatten(2, (t, 2)).copy_(y.unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 1, 4, 5))
-    return out
 
 
 def _fuse_residual_blocks(vae: AutoencoderKLWan) -> None:

@@ -37,6 +37,7 @@ from worker.config import (
 from worker.engine import Engine, default_device
 from worker.models import chunk_graphs
 from worker.models.attention import backend_setting as attention_backend_setting
+from worker.models.wave_split import setting as wave_split_setting
 from worker.parallel import early
 from worker.parallel.early import MULTICAST_OFF
 from worker.parallel.sp import (
@@ -431,7 +432,8 @@ def load_generator(model: str | None, device: str | None, ranks: int | None, *, 
     """An Engine on one rank, or a RankPool in front of one: what the CLI and both platform adapters serve."""
     device = device or default_device()
     ranks = ranks or int(os.environ.get("LINGBOT_NUM_GPUS", "1"))
-    attention_backend_setting()  # a bad LINGBOT_ATTENTION fails here, before minutes of loading
+    attention_backend_setting()  # a bad LINGBOT_ATTENTION(_SPLIT) fails here, before minutes of loading
+    wave_split_setting()
     if ranks > 1:
         gen = RankPool.start(model, ranks=ranks, device=device, text_encoder=text_encoder)
     else:
