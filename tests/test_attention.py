@@ -53,17 +53,19 @@ def test_bad_setting_names_the_variable_and_choices(monkeypatch) -> None:
         attn.attention(*_qkv())
 
 
-def test_bad_setting_fails_before_any_model_load(monkeypatch) -> None:
+@pytest.mark.parametrize("variable", ["LINGBOT_ATTENTION", "LINGBOT_ATTENTION_SPLIT"])
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_bad_setting_fails_before_any_model_load(monkeypatch, variable: str, ranks: int) -> None:
     from worker.parallel import pool
 
     def never(*a, **k):
         raise AssertionError("loaded a model with a bad setting")
 
-    monkeypatch.setenv("LINGBOT_ATTENTION", "nope")
+    monkeypatch.setenv(variable, "nope")
     monkeypatch.setattr(pool.Engine, "load", never)
     monkeypatch.setattr(pool.RankPool, "start", never)
-    with pytest.raises(ValueError, match="LINGBOT_ATTENTION"):
-        pool.load_generator("tiny", "cpu", 2)
+    with pytest.raises(ValueError, match=variable):
+        pool.load_generator("tiny", "cpu", ranks)
 
 
 def test_forcing_fa4_on_cpu_says_why(monkeypatch) -> None:

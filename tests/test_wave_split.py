@@ -72,15 +72,3 @@ def test_only_a_caller_that_asks_gets_the_split(monkeypatch) -> None:
     attn.attention(q, k, v, wave_split=True)
     assert offered == [1] and calls == [1, 1]
 
-
-def test_bad_setting_fails_before_any_model_load(monkeypatch) -> None:
-    from worker.parallel import pool
-
-    def never(*a, **k):
-        raise AssertionError("loaded a model with a bad setting")
-
-    monkeypatch.setenv("LINGBOT_ATTENTION_SPLIT", "yes")
-    monkeypatch.setattr(pool.Engine, "load", never)
-    monkeypatch.setattr(pool.RankPool, "start", never)
-    with pytest.raises(ValueError, match="LINGBOT_ATTENTION_SPLIT"):
-        pool.load_generator("tiny", "cpu", 1)
