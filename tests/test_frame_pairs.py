@@ -53,13 +53,13 @@ def test_front_pair_is_the_frames_before(cache_frames: int | None) -> None:
     """The pair in front of the new frames: the cached frames behind zeros, as WanCausalConv3d pads them."""
     a = frame_pairs.to_pairs(_frames(3, 4, 3))
     cache = None if cache_frames is None else _frames(3, cache_frames, 4)
-    front = frame_pairs.from_pairs(frame_pairs.front_pair(cache, a))
+    front = frame_pairs.from_pairs(frame_pairs.front_pair(cache, 3, a))
     want = torch.zeros(1, 3, 2, 5, 7)
     if cache is not None:
         want[:, :, 2 - cache_frames:] = cache
     assert torch.equal(front, want)
     cached_pair = frame_pairs.to_pairs(want)
-    assert frame_pairs.front_pair(cached_pair, a) is cached_pair  # a cached pair is used as it is
+    assert frame_pairs.front_pair(cached_pair, 3, a) is cached_pair  # a cached pair is used as it is
 
 
 def _model(paired: bool, dtype: torch.dtype) -> StreamingVAE:
@@ -74,9 +74,9 @@ def _model(paired: bool, dtype: torch.dtype) -> StreamingVAE:
 
 def _count_paired_convs(monkeypatch) -> list[int]:
     calls: list[int] = []
-    real = frame_pairs.paired_causal_conv
-    monkeypatch.setattr(frame_pairs, "paired_causal_conv",
-                        lambda *a, **kw: calls.append(a[2].shape[2]) or real(*a, **kw))
+    real = frame_pairs.paired_conv_behind_cache
+    monkeypatch.setattr(frame_pairs, "paired_conv_behind_cache",
+                        lambda *a, **kw: calls.append(a[3].shape[2]) or real(*a, **kw))
     return calls
 
 

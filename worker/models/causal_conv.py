@@ -5,9 +5,15 @@ axes (a full copy of every conv's input), and every caller of a conv clones the 
 call. Here the spatial padding happens inside the conv, and the cache keeps a view where nothing can overwrite it.
 Used by the decoder's patched residual blocks (worker/models/vae.py) and by the streamed condition encode
 (worker/models/condition_stream.py).
+
+Behind a residual block's norm (conv_behind_cache) even the time axis' concatenation goes: the norm's kernel
+writes its output behind a copy of the cached frames, in the pass that computes it (docs/PERFORMANCE.md v30a).
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +30,14 @@ def causal_conv3d(
         pt -= cache_x.shape[2]
     if pt > 0:
         x = F.pad(x, (0, 0, 0, 0, pt, 0))
-    return F.conv3d(x, m.weight, m.bias if bias else None, m.stride, (0, ph, pw), m.dilation, m.groups)
+    return conv_in_time(m, x, m.weight, m.bias if bias else None)
+
+
+def conv_in_time(m: WanCausalConv3d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The conv on x, whose frames already include the cached ones in front: no time padding, spatial padding
+    inside cuDNN (WanCausalConv3d's _padding is (w, w, h, h, 2 * t, 0))."""
+    pw, _, ph, _, _, _ = m._padding
+    return F.conv3d(x, weight, bias, m.stride, (0, ph, pw), m.dilation, m.groups)
 
 
 def cached_causal_conv(
@@ -46,3 +59,23 @@ def cached_causal_conv(
     feat_cache[idx] = cache_x
     feat_idx[0] += 1
     return out
+
+
+# Off (0) for A/Bs: the chain's output concatenated behind the cache by a copy of its own, as before v30a.
+BEHIND = os.environ.get("LINGBOT_VAE_BEHIND", "1") != "0"
+
+
+def conv_behind_cache(conv: WanCausalConv3d, chain: Callable, *args, feat_cache: list | None,
+                      feat_idx: list[int] | None) -> torch.Tensor:
+    """cached_causal_conv(conv, chain(*args), feat_cache, feat_idx, bias=False), for a chain of worker.models.fused
+    that takes `front`: where CACHE_T frames are cached for the conv and the chain's output has as many or more
+    (every call of a stream after its first two latent frames), `chain(*args, front)` writes its output behind
+    them and returns its last CACHE_T frames for the cache; the conv reads that. Elsewhere the plain path, whose
+    cache rule for shorter calls differs."""
+    cache = feat_cache[feat_idx[0]] if feat_cache is not None else None
+    if not (BEHIND and isinstance(cache, torch.Tensor) and cache.shape[2] == CACHE_T and args[0].shape[2] >= CACHE_T):
+        return cached_causal_conv(conv, chain(*args), feat_cache, feat_idx, bias=False)
+    ext, last = chain(*args, cache)
+    feat_cache[feat_idx[0]] = last
+    feat_idx[0] += 1
+    return conv_in_time(conv, ext, conv.weight, None)

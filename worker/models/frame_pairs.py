@@ -14,9 +14,12 @@ produce the same layout (their time conv's two channel halves are two frames), a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+from worker.models import causal_conv
 
 # (output frame in its pair a, input frame in its pair b, tap over pairs d) -> the conv's own time tap k: output
 # frame 2s + a reads input frame 2s + a - 2 + k, which is frame b of pair s - 1 + d.
@@ -71,13 +74,13 @@ def is_pair(cache: object, channels: int) -> bool:
     return isinstance(cache, torch.Tensor) and cache.shape[1] == 2 * channels
 
 
-def front_pair(cache: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor:
-    """The 2 frames before packed input `a` as one pair: the cached pair, or the cached frames (diffusers' form:
-    1 or 2 of them, after a call with an odd frame count) behind zero frames, or zeros (the conv's causal padding)."""
-    channels = a.shape[1] // 2
+def front_pair(cache: torch.Tensor | None, channels: int, like: torch.Tensor) -> torch.Tensor:
+    """The 2 frames of `channels` channels before the packed input (of like's batch, rows, columns, dtype and
+    device) as one pair: the cached pair, or the cached frames (diffusers' form: 1 or 2 of them, after a call with
+    an odd frame count) behind zero frames, or zeros (the conv's causal padding)."""
     if is_pair(cache, channels):
         return cache
-    frames = torch.empty(a.shape[0], channels, 2, *a.shape[3:], dtype=a.dtype, device=a.device,
+    frames = torch.empty(like.shape[0], channels, 2, *like.shape[3:], dtype=like.dtype, device=like.device,
                          memory_format=torch.channels_last_3d).zero_()
     if cache is not None:
         k = min(cache.shape[2], 2)
@@ -93,17 +96,22 @@ def unpair_caches(feat_cache: list, first: int, channels: tuple[int, ...]) -> No
             feat_cache[first + i] = from_pairs(feat_cache[first + i])
 
 
-def paired_causal_conv(conv: WanCausalConv3d, weight: torch.Tensor, a: torch.Tensor, feat_cache: list,
-                       feat_idx: list[int]) -> torch.Tensor:
-    """The causal conv (without its bias) on packed `a`, behind the pair cached for it; caches a's last pair.
-    Same products as diffusers' WanCausalConv3d behind its cached frames, and the same 2 frames cached."""
+def paired_conv_behind_cache(conv: WanCausalConv3d, weight: torch.Tensor, chain: Callable, *args,
+                             feat_cache: list, feat_idx: list[int]) -> torch.Tensor:
+    """The causal conv (without its bias, packed `weight`) of `chain(*args)`, a packed input, behind the pair
+    cached for it; caches the input's last pair. Same products as diffusers' WanCausalConv3d behind its cached
+    frames, and the same 2 frames cached. The chain (worker.models.fused) writes its output behind the cached
+    pair and returns its last pair itself (causal_conv.conv_behind_cache); with LINGBOT_VAE_BEHIND=0 both are
+    copies here."""
     idx = feat_idx[0]
-    front = front_pair(feat_cache[idx], a)
-    last = a[:, :, -1:]
-    if a.shape[2] > 1:
-        last = last.clone()  # a view would keep all of a alive until the next call
-    pw, _, ph, _, _, _ = conv._padding  # WanCausalConv3d's (w, w, h, h, 2 * t, 0): spatial padding inside the conv
-    out = F.conv3d(torch.cat([front, a], dim=2), weight, None, 1, (0, ph, pw))
+    front = front_pair(feat_cache[idx], conv.in_channels, args[0])
+    if causal_conv.BEHIND:
+        ext, last = chain(*args, front)
+    else:
+        a = chain(*args)
+        ext, last = torch.cat([front, a], dim=2), a[:, :, -1:]
+        if a.shape[2] > 1:
+            last = last.clone()  # a view would keep all of a alive until the next call
     feat_cache[idx] = last
     feat_idx[0] += 1
-    return out
+    return causal_conv.conv_in_time(conv, ext, weight, None)

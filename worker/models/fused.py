@@ -57,6 +57,8 @@ def fusable(*, tokens: dict[int, int | tuple[int, ...]], single_pass_rows: bool 
             if fn_compiled is None:
                 return fn(*args)
             for i, dims in tokens.items():
+                if i >= len(args) or not isinstance(args[i], torch.Tensor):  # an optional tensor left out
+                    continue
                 for dim in (dims,) if isinstance(dims, int) else dims:
                     if dim < args[i].dim():
                         torch._dynamo.maybe_mark_dynamic(args[i], dim)
@@ -208,13 +210,29 @@ def _wan_rms(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias, silu: boo
     return F.silu(y) if silu else y
 
 
-@fusable(tokens={0: (2, 3, 4)}, single_pass_rows=False)  # T, H, W vary with the request and the decoder stage
-def wan_rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias, silu: bool = False) -> torch.Tensor:
+# A causal conv's input written behind the frames cached for it: with `front` (the conv's cached frames, or its
+# cached pair) the chains below return (cat([front, out], 2), out's last front.shape[2] frames), the conv's input
+# and what it caches next, computed in the chain's own pass: Inductor writes `out` straight into its slot of the
+# concatenation, which would otherwise be a copy of the whole conv input (worker.models.causal_conv.conv_behind_cache).
+def _behind(front: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated in channels-last memory order [B, T, H, W, C], where a frame is one contiguous block."""
+    ext = torch.cat([front.permute(0, 2, 3, 4, 1), out.permute(0, 2, 3, 4, 1)], 1)
+    last = ext[:, -front.shape[2]:].clone()
+    return ext.permute(0, 4, 1, 2, 3), last.permute(0, 4, 1, 2, 3)
+
+
+def _maybe_behind(front: torch.Tensor | None, out: torch.Tensor):
+    return out if front is None else _behind(front, out)
+
+
+@fusable(tokens={0: (2, 3, 4), 5: (3, 4)}, single_pass_rows=False)  # T, H, W vary with the request and the stage
+def wan_rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias, silu: bool = False,
+                 front: torch.Tensor | None = None):
     """The Wan VAE's channel RMSNorm (diffusers' WanRMS_norm: F.normalize over channels in fp32, then
     * sqrt(C) * gamma + bias), and with silu the SiLU that follows it in every residual block, in one pass.
     Eagerly it is six passes over a [1, C, T, H, W] tensor, several of them broadcasting kernels that do not
-    vectorise on channels-last activations: most of the decoder's non-conv time."""
-    return _wan_rms(x, gamma, scale, bias, silu, 1)
+    vectorise on channels-last activations: most of the decoder's non-conv time. With `front`: see _behind."""
+    return _maybe_behind(front, _wan_rms(x, gamma, scale, bias, silu, 1))
 
 
 # The Wan VAE's residual blocks run their two 3x3x3 convs without bias (worker.models.vae._fuse_residual_blocks):
@@ -225,11 +243,11 @@ def _channel_bias(bias: torch.Tensor) -> torch.Tensor:
     return bias.view(-1, 1, 1, 1)
 
 
-@fusable(tokens={0: (2, 3, 4)}, single_pass_rows=False)
+@fusable(tokens={0: (2, 3, 4), 6: (3, 4)}, single_pass_rows=False)
 def conv_bias_rms_norm(x: torch.Tensor, conv_bias: torch.Tensor, gamma: torch.Tensor, scale: float, bias,
-                       silu: bool = False) -> torch.Tensor:
+                       silu: bool = False, front: torch.Tensor | None = None):
     """wan_rms_norm(x + conv_bias): the previous conv's bias add inside the norm(+SiLU) kernel."""
-    return wan_rms_norm.eager(x + _channel_bias(conv_bias), gamma, scale, bias, silu)
+    return wan_rms_norm.eager(x + _channel_bias(conv_bias), gamma, scale, bias, silu, front)
 
 
 @fusable(tokens={0: (2, 3, 4), 2: (2, 3, 4)}, single_pass_rows=False)
@@ -246,19 +264,22 @@ def _last(t):
     return t.reshape(-1) if isinstance(t, torch.Tensor) else t
 
 
-@fusable(tokens={0: (2, 3, 4)}, single_pass_rows=False)
-def wan_rms_norm_to_pairs(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias, silu: bool = False) -> torch.Tensor:
-    """frame_pairs.to_pairs(wan_rms_norm(x)): [B, C, 2n, H, W] -> packed [B, 2C, n, H, W]."""
+@fusable(tokens={0: (2, 3, 4), 5: (3, 4)}, single_pass_rows=False)
+def wan_rms_norm_to_pairs(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias, silu: bool = False,
+                          front: torch.Tensor | None = None):
+    """frame_pairs.to_pairs(wan_rms_norm(x)): [B, C, 2n, H, W] -> packed [B, 2C, n, H, W]; `front` a packed pair."""
     y = frame_pairs.frames_in_pairs_order(x)
-    return frame_pairs.from_memory_order(_wan_rms(y, _last(gamma), scale, _last(bias), silu, -1).contiguous())
+    p = frame_pairs.from_memory_order(_wan_rms(y, _last(gamma), scale, _last(bias), silu, -1).contiguous())
+    return _maybe_behind(front, p)
 
 
-@fusable(tokens={0: (2, 3, 4)}, single_pass_rows=False)
+@fusable(tokens={0: (2, 3, 4), 6: (3, 4)}, single_pass_rows=False)
 def conv_bias_rms_norm_pairs(p: torch.Tensor, conv_bias: torch.Tensor, gamma: torch.Tensor, scale: float, bias,
-                             silu: bool = False) -> torch.Tensor:
+                             silu: bool = False, front: torch.Tensor | None = None):
     """conv_bias_rms_norm on packed frame pairs, packed in and out."""
     y = frame_pairs.pairs_view(p) + conv_bias
-    return frame_pairs.from_memory_order(_wan_rms(y, _last(gamma), scale, _last(bias), silu, -1).contiguous())
+    q = frame_pairs.from_memory_order(_wan_rms(y, _last(gamma), scale, _last(bias), silu, -1).contiguous())
+    return _maybe_behind(front, q)
 
 
 @fusable(tokens={0: (2, 3, 4), 2: (2, 3, 4)}, single_pass_rows=False)

@@ -33,7 +33,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 
 from worker.config import MASK_CHANNELS, VAE_Z_DIM, pixel_frames_for_chunk
 from worker.models import frame_pairs
-from worker.models.causal_conv import cached_causal_conv, causal_conv3d
+from worker.models.causal_conv import causal_conv3d, conv_behind_cache
 from worker.models.condition_stream import ConditionStream, encoder_layer_count
 from worker.models.fused import (
     conv_bias_residual,
@@ -372,12 +372,12 @@ def _fused_residual_forward(
     m: WanResidualBlock, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list[int] | None = None
 ) -> torch.Tensor:
     # diffusers' WanResidualBlock.forward step for step; only where the convs' biases are added changes (and
-    # which cache copies are made: cached_causal_conv).
+    # which cache copies are made: conv_behind_cache). No dropout: the VAE only runs in eval mode here.
     h = m.conv_shortcut(x)  # 1x1x1 conv (keeps its bias) or the identity
-    x = wan_rms_norm(x, m.norm1.gamma, m.norm1.scale, m.norm1.bias, True)
-    x = cached_causal_conv(m.conv1, x, feat_cache, feat_idx, bias=False)
-    x = conv_bias_rms_norm(x, m.conv1.bias, m.norm2.gamma, m.norm2.scale, m.norm2.bias, True)
-    x = cached_causal_conv(m.conv2, m.dropout(x), feat_cache, feat_idx, bias=False)
+    x = conv_behind_cache(m.conv1, wan_rms_norm, x, m.norm1.gamma, m.norm1.scale, m.norm1.bias, True,
+                          feat_cache=feat_cache, feat_idx=feat_idx)
+    x = conv_behind_cache(m.conv2, conv_bias_rms_norm, x, m.conv1.bias, m.norm2.gamma, m.norm2.scale, m.norm2.bias,
+                          True, feat_cache=feat_cache, feat_idx=feat_idx)
     return conv_bias_residual(x, m.conv2.bias, h)
 
 
@@ -408,10 +408,12 @@ def _paired_residual_forward(
             frame_pairs.unpair_caches(feat_cache, feat_idx[0], (m.conv1.in_channels, m.conv2.in_channels))
         return _fused_residual_forward(m, x, feat_cache, feat_idx)
     h = m.conv_shortcut(x)
-    a = wan_rms_norm_to_pairs(x, m.norm1.gamma, m.norm1.scale, m.norm1.bias, True)
-    a = frame_pairs.paired_causal_conv(m.conv1, weights[0], a, feat_cache, feat_idx)
-    a = conv_bias_rms_norm_pairs(a, m.conv1.bias, m.norm2.gamma, m.norm2.scale, m.norm2.bias, True)
-    a = frame_pairs.paired_causal_conv(m.conv2, weights[1], m.dropout(a), feat_cache, feat_idx)
+    a = frame_pairs.paired_conv_behind_cache(m.conv1, weights[0], wan_rms_norm_to_pairs, x, m.norm1.gamma,
+                                             m.norm1.scale, m.norm1.bias, True, feat_cache=feat_cache,
+                                             feat_idx=feat_idx)
+    a = frame_pairs.paired_conv_behind_cache(m.conv2, weights[1], conv_bias_rms_norm_pairs, a, m.conv1.bias,
+                                             m.norm2.gamma, m.norm2.scale, m.norm2.bias, True,
+                                             feat_cache=feat_cache, feat_idx=feat_idx)
     return conv_bias_residual_from_pairs(a, m.conv2.bias, h)
 
 
