@@ -215,14 +215,20 @@ def _wan_rms(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias, silu: boo
 # and what it caches next, computed in the chain's own pass: Inductor writes `out` straight into its slot of the
 # concatenation, which would otherwise be a copy of the whole conv input (worker.models.causal_conv.conv_behind_cache).
 def _behind(front: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated in channels-last memory order [B, T, H, W, C], where a frame is one contiguous block."""
-    ext = torch.cat([front.permute(0, 2, 3, 4, 1), out.permute(0, 2, 3, 4, 1)], 1)
-    last = ext[:, -front.shape[2]:].clone()
-    return ext.permute(0, 4, 1, 2, 3), last.permute(0, 4, 1, 2, 3)
+    """The concatenation and its last frames, both in memory order (time on dim 1, where a frame is one contiguous
+    block). `out` must be in the iteration order of the chain's reduction (for the pairs [B, n, H, W, 2, C], not
+    flattened to 2C): a view in between kept Inductor from computing the norm and writing it in one kernel
+    (docs/PERFORMANCE.md v30a)."""
+    ext = torch.cat([front, out], 1)
+    return ext, ext[:, -front.shape[1]:].clone()
 
 
-def _maybe_behind(front: torch.Tensor | None, out: torch.Tensor):
-    return out if front is None else _behind(front, out)
+def _frames_memory_order(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 2, 3, 4, 1)
+
+
+def _frames_from_memory_order(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 4, 1, 2, 3)
 
 
 @fusable(tokens={0: (2, 3, 4), 5: (3, 4)}, single_pass_rows=False)  # T, H, W vary with the request and the stage
@@ -232,7 +238,11 @@ def wan_rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias, silu:
     * sqrt(C) * gamma + bias), and with silu the SiLU that follows it in every residual block, in one pass.
     Eagerly it is six passes over a [1, C, T, H, W] tensor, several of them broadcasting kernels that do not
     vectorise on channels-last activations: most of the decoder's non-conv time. With `front`: see _behind."""
-    return _maybe_behind(front, _wan_rms(x, gamma, scale, bias, silu, 1))
+    out = _wan_rms(x, gamma, scale, bias, silu, 1)
+    if front is None:
+        return out
+    ext, last = _behind(_frames_memory_order(front), _frames_memory_order(out))
+    return _frames_from_memory_order(ext), _frames_from_memory_order(last)
 
 
 # The Wan VAE's residual blocks run their two 3x3x3 convs without bias (worker.models.vae._fuse_residual_blocks):
@@ -264,13 +274,14 @@ def _last(t):
     return t.reshape(-1) if isinstance(t, torch.Tensor) else t
 
 
-@fusable(tokens={0: (2, 3, 4), 5: (3, 4)}, single_pass_rows=False)
+# The time axis static: always 4 frames (2 pairs) at the stage that runs on pairs, and with it symbolic Inductor
+# could not tell that 2n frames are n pairs of 2 and copied the packed output once more (v30a).
+@fusable(tokens={0: (3, 4), 5: (3, 4)}, single_pass_rows=False)
 def wan_rms_norm_to_pairs(x: torch.Tensor, gamma: torch.Tensor, scale: float, bias, silu: bool = False,
                           front: torch.Tensor | None = None):
     """frame_pairs.to_pairs(wan_rms_norm(x)): [B, C, 2n, H, W] -> packed [B, 2C, n, H, W]; `front` a packed pair."""
     y = frame_pairs.frames_in_pairs_order(x)
-    p = frame_pairs.from_memory_order(_wan_rms(y, _last(gamma), scale, _last(bias), silu, -1).contiguous())
-    return _maybe_behind(front, p)
+    return _pairs_out(_wan_rms(y, _last(gamma), scale, _last(bias), silu, -1), front)
 
 
 @fusable(tokens={0: (2, 3, 4), 6: (3, 4)}, single_pass_rows=False)
@@ -278,8 +289,15 @@ def conv_bias_rms_norm_pairs(p: torch.Tensor, conv_bias: torch.Tensor, gamma: to
                              silu: bool = False, front: torch.Tensor | None = None):
     """conv_bias_rms_norm on packed frame pairs, packed in and out."""
     y = frame_pairs.pairs_view(p) + conv_bias
-    q = frame_pairs.from_memory_order(_wan_rms(y, _last(gamma), scale, _last(bias), silu, -1).contiguous())
-    return _maybe_behind(front, q)
+    return _pairs_out(_wan_rms(y, _last(gamma), scale, _last(bias), silu, -1), front)
+
+
+def _pairs_out(out: torch.Tensor, front: torch.Tensor | None):
+    """A pair chain's result [B, n, H, W, 2, C] as packed pairs, or behind the packed pair `front`."""
+    if front is None:
+        return frame_pairs.from_memory_order(out.contiguous())
+    ext, last = _behind(frame_pairs.pairs_view(front), out)
+    return frame_pairs.from_memory_order(ext), frame_pairs.from_memory_order(last)
 
 
 @fusable(tokens={0: (2, 3, 4), 2: (2, 3, 4)}, single_pass_rows=False)
