@@ -66,16 +66,16 @@ BEHIND = os.environ.get("LINGBOT_VAE_BEHIND", "1") != "0"
 
 
 def conv_behind_cache(conv: WanCausalConv3d, chain: Callable, *args, feat_cache: list | None,
-                      feat_idx: list[int] | None) -> torch.Tensor:
-    """cached_causal_conv(conv, chain(*args), feat_cache, feat_idx, bias=False), for a chain of worker.models.fused
+                      feat_idx: list[int] | None, bias: bool = False) -> torch.Tensor:
+    """cached_causal_conv(conv, chain(*args), feat_cache, feat_idx, bias), for a chain of worker.models.fused
     that takes `front`: where CACHE_T frames are cached for the conv and the chain's output has as many or more
     (every call of a stream after its first two latent frames), `chain(*args, front)` writes its output behind
     them and returns its last CACHE_T frames for the cache; the conv reads that. Elsewhere the plain path, whose
     cache rule for shorter calls differs."""
     cache = feat_cache[feat_idx[0]] if feat_cache is not None else None
     if not (BEHIND and isinstance(cache, torch.Tensor) and cache.shape[2] == CACHE_T and args[0].shape[2] >= CACHE_T):
-        return cached_causal_conv(conv, chain(*args), feat_cache, feat_idx, bias=False)
+        return cached_causal_conv(conv, chain(*args), feat_cache, feat_idx, bias)
     ext, last = chain(*args, cache)
     feat_cache[feat_idx[0]] = last
     feat_idx[0] += 1
-    return conv_in_time(conv, ext, conv.weight, None)
+    return conv_in_time(conv, ext, conv.weight, conv.bias if bias else None)

@@ -180,15 +180,12 @@ class StreamingVAE:
         x = self.vae.post_quant_conv(self.denormalize(latents)[None])
         outs = []
         for i in range(x.shape[2]):
-            # Same call as diffusers' _decode loop; `first_chunk` only for the very first latent frame of the stream.
+            # Same call as diffusers' _decode loop (decode_rows: its decoder forward, on a band of rows or all of
+            # them); `first_chunk` only for the very first latent frame of the stream.
             self.vae._conv_idx = [0]
             first = self._dec_chunk == 0 and i == 0
-            if self.rows is not None:
-                outs.append(decode_rows(self.vae.decoder, x[:, :, i : i + 1], self.rows, self.vae._feat_map,
-                                        self.vae._conv_idx, first_chunk=first))
-                continue
-            kw = {"first_chunk": True} if first else {}
-            outs.append(self.vae.decoder(x[:, :, i : i + 1], feat_cache=self.vae._feat_map, feat_idx=self.vae._conv_idx, **kw))
+            outs.append(decode_rows(self.vae.decoder, x[:, :, i : i + 1], self.rows, self.vae._feat_map,
+                                    self.vae._conv_idx, first_chunk=first))
         self._dec_chunk += 1
         return torch.clamp(torch.cat(outs, 2), min=-1.0, max=1.0)[0]
 
@@ -230,6 +227,8 @@ def _fuse_rms_norms(vae: AutoencoderKLWan) -> None:
             for norm in norms:
                 norm.forward = functools.partial(_fused_rms_forward, norm, True)
             m.nonlinearity = torch.nn.Identity()
+            if isinstance(m, WanDecoder3d):  # the streamed decode's head (vae_rows.decode_rows)
+                m.fused_head = functools.partial(_fused_head_forward, m)
     for m in vae.modules():
         if isinstance(m, WanRMS_norm) and m.channel_first and not isinstance(m.forward, functools.partial):
             m.forward = functools.partial(_fused_rms_forward, m, False)
@@ -237,6 +236,14 @@ def _fuse_rms_norms(vae: AutoencoderKLWan) -> None:
 
 def _fused_rms_forward(m: WanRMS_norm, silu: bool, x: torch.Tensor) -> torch.Tensor:
     return wan_rms_norm(x, m.gamma, m.scale, m.bias, silu)
+
+
+def _fused_head_forward(m: WanDecoder3d, x: torch.Tensor, feat_cache: list, feat_idx: list[int]) -> torch.Tensor:
+    """The decoder's head as diffusers runs it (norm_out, SiLU, conv_out behind its cache), the fused norm + SiLU
+    writing behind conv_out's cached frames (causal_conv.conv_behind_cache)."""
+    n = m.norm_out
+    return conv_behind_cache(m.conv_out, wan_rms_norm, x, n.gamma, n.scale, n.bias, True, feat_cache=feat_cache,
+                             feat_idx=feat_idx, bias=True)
 
 
 def _pad_inside_convs(vae: AutoencoderKLWan) -> None:

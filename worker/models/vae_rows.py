@@ -151,22 +151,29 @@ def _crop(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return x[:, :, :, start:stop].contiguous(memory_format=activation_format(x))
 
 
-def decode_rows(decoder: WanDecoder3d, x: torch.Tensor, rows: tuple[int, int], feat_cache: list,
+def decode_rows(decoder: WanDecoder3d, x: torch.Tensor, rows: tuple[int, int] | None, feat_cache: list,
                 feat_idx: list[int], first_chunk: bool = False) -> torch.Tensor:
-    """WanDecoder3d.forward(x, feat_cache, feat_idx, first_chunk) restricted to output rows [a, b): [B, 3, T', b-a, W].
+    """WanDecoder3d.forward(x, feat_cache, feat_idx, first_chunk) restricted to output rows [a, b): [B, 3, T', b-a, W]
+    (rows None: all of them, diffusers' forward itself).
 
     The same calls on the same cache entries as diffusers' forward, on cropped bands (see the module doc). Wan2.1's
-    up blocks do not use `first_chunk` (its only effect is through the caches, which are the same here)."""
+    up blocks do not use `first_chunk` (its only effect is through the caches, which are the same here). The head
+    is `decoder.fused_head` where worker.models.vae fused its norm and SiLU (and so can write behind its conv's
+    cache)."""
     x = cached_causal_conv(decoder.conv_in, x, feat_cache, feat_idx)
     x = decoder.mid_block(x, feat_cache=feat_cache, feat_idx=feat_idx)
     ops = _ops(decoder)
+    kinds = [kind for kind, _ in ops]
+    rows = rows or (0, x.shape[3] * 2 ** kinds.count("up"))
     start = 0  # the first row of x, at x's resolution
-    for (kind, module), (lo, hi) in zip(ops, _windows([kind for kind, _ in ops], x.shape[3], rows)):
+    for (kind, module), (lo, hi) in zip(ops, _windows(kinds, x.shape[3], rows)):
         x, start = _crop(x, lo - start, hi - start), lo
         if kind == "res":
             x = module(x, feat_cache=feat_cache, feat_idx=feat_idx)
         elif kind == "up":
             x, start = module(x, feat_cache=feat_cache, feat_idx=feat_idx), 2 * start
+        elif getattr(decoder, "fused_head", None) is not None:
+            x = decoder.fused_head(x, feat_cache, feat_idx)
         else:
             x = decoder.nonlinearity(decoder.norm_out(x))
             x = cached_causal_conv(decoder.conv_out, x, feat_cache, feat_idx)
