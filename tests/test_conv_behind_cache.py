@@ -8,24 +8,14 @@ import pytest
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualBlock
 
-from worker.config import PRESETS, VAE_Z_DIM
+from tiny_vae import patched_tiny_vae
+from worker.config import VAE_Z_DIM
 from worker.models import causal_conv, frame_pairs, fused
 from worker.models import vae as vae_mod
-from worker.models.vae import StreamingVAE, build_vae
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CHUNKS = 3
 CHAINS = ("wan_rms_norm", "conv_bias_rms_norm", "wan_rms_norm_to_pairs", "conv_bias_rms_norm_pairs")
-
-
-def _model(paired: bool, dtype: torch.dtype) -> StreamingVAE:
-    m = build_vae(PRESETS["tiny"].vae, dtype, "cpu", seed=0)
-    vae_mod._conv3d_weights_channels_last(m)
-    vae_mod._fuse_norm_passes(m)
-    vae_mod._pad_inside_convs(m)
-    if paired:
-        vae_mod._paired_residual_blocks(m)
-    return StreamingVAE(m)
 
 
 def _count_fronts(monkeypatch) -> list[bool]:
@@ -47,8 +37,8 @@ def test_decode_behind_the_cache_equals_the_concatenation(monkeypatch, paired: b
     latent frame on (frames: the first two leave 1-frame caches) or its second (pairs: a pair is built from them),
     and the head's conv."""
     fronts = _count_fronts(monkeypatch)
-    behind = _model(paired, dtype)
-    copying = _model(paired, dtype)
+    behind = patched_tiny_vae(paired, dtype)
+    copying = patched_tiny_vae(paired, dtype)
     blocks = [m for m in behind.vae.decoder.modules() if isinstance(m, WanResidualBlock)]
     at_one_frame = [*behind.vae.decoder.mid_block.modules(), *behind.vae.decoder.up_blocks[0].modules()]
     later = [m for m in blocks if not any(m is n for n in at_one_frame)]
@@ -73,7 +63,7 @@ def test_decode_behind_the_cache_equals_the_concatenation(monkeypatch, paired: b
 
 def test_decode_behind_a_wrong_front_differs(monkeypatch) -> None:
     """The comparison above can fail: the same decode with the cached frames' order swapped in front."""
-    behind, copying = _model(False, torch.float32), _model(False, torch.float32)
+    behind, copying = patched_tiny_vae(False, torch.float32), patched_tiny_vae(False, torch.float32)
     z = torch.randn(VAE_Z_DIM, 6, 8, 8, generator=torch.Generator().manual_seed(5))
     for s in (behind, copying):
         s.start_decode()

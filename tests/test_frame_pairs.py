@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualBlock
 
-from worker.config import PRESETS, VAE_Z_DIM
+from tiny_vae import patched_tiny_vae
+from worker.config import VAE_Z_DIM
 from worker.models import frame_pairs, fused
 from worker.models import vae as vae_mod
-from worker.models.vae import StreamingVAE, build_vae
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CHUNKS = 3
@@ -62,16 +62,6 @@ def test_front_pair_is_the_frames_before(cache_frames: int | None) -> None:
     assert frame_pairs.front_pair(cached_pair, 3, a) is cached_pair  # a cached pair is used as it is
 
 
-def _model(paired: bool, dtype: torch.dtype) -> StreamingVAE:
-    m = build_vae(PRESETS["tiny"].vae, dtype, "cpu", seed=0)
-    vae_mod._conv3d_weights_channels_last(m)
-    vae_mod._fuse_norm_passes(m)
-    vae_mod._pad_inside_convs(m)
-    if paired:
-        vae_mod._paired_residual_blocks(m)
-    return StreamingVAE(m)
-
-
 def _count_paired_convs(monkeypatch) -> list[int]:
     calls: list[int] = []
     real = frame_pairs.paired_conv_behind_cache
@@ -86,7 +76,7 @@ def test_paired_blocks_decode_like_frames(monkeypatch, dtype: torch.dtype) -> No
     (bf16: its rounding); every block's two convs ran on pairs except where a call has an odd frame count (the
     stream's first latent frame), and the encoder's blocks are untouched."""
     calls = _count_paired_convs(monkeypatch)
-    plain, paired = _model(False, dtype), _model(True, dtype)
+    plain, paired = patched_tiny_vae(False, dtype), patched_tiny_vae(True, dtype)
     decoder_blocks = [m for m in paired.vae.decoder.modules() if isinstance(m, WanResidualBlock)]
     assert all(m.forward.func is vae_mod._paired_residual_forward for m in decoder_blocks)
     assert not any(getattr(m.forward, "func", None) is vae_mod._paired_residual_forward
@@ -111,7 +101,7 @@ def test_paired_blocks_decode_like_frames(monkeypatch, dtype: torch.dtype) -> No
 
 def test_paired_decode_detects_a_wrong_tap(monkeypatch) -> None:
     """The comparison above can fail: the same decode with one tap block of the paired weights misplaced."""
-    plain, paired = _model(False, torch.float32), _model(True, torch.float32)
+    plain, paired = patched_tiny_vae(False, torch.float32), patched_tiny_vae(True, torch.float32)
     real = frame_pairs.pair_weight
 
     def misplaced(w):
@@ -121,7 +111,7 @@ def test_paired_decode_detects_a_wrong_tap(monkeypatch) -> None:
         return p
 
     monkeypatch.setattr(frame_pairs, "pair_weight", misplaced)
-    paired = _model(True, torch.float32)
+    paired = patched_tiny_vae(True, torch.float32)
     z = torch.randn(VAE_Z_DIM, 6, 8, 8, generator=torch.Generator().manual_seed(3))
     for s in (plain, paired):
         s.start_decode()
@@ -164,12 +154,12 @@ class _Holder(torch.nn.Module):
 def test_paired_blocks_in_bands(bands: list[tuple[int, int]]) -> None:
     """Bands decoded with paired blocks stack to the whole frames of the same model."""
     z = torch.randn(VAE_Z_DIM, 3 * CHUNKS, 6, 8, generator=torch.Generator().manual_seed(4))
-    whole = _model(True, torch.float32)
+    whole = patched_tiny_vae(True, torch.float32)
     whole.start_decode()
     ref = torch.cat([whole.decode_chunk(z[:, 3 * k : 3 * k + 3]) for k in range(CHUNKS)], 1)
     parts = []
     for rows in bands:
-        v = _model(True, torch.float32)
+        v = patched_tiny_vae(True, torch.float32)
         v.rows = rows
         v.start_decode()
         parts.append(torch.cat([v.decode_chunk(z[:, 3 * k : 3 * k + 3]) for k in range(CHUNKS)], 1))
