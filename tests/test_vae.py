@@ -473,7 +473,6 @@ def test_upsample3d_in_layout_equals_diffusers(monkeypatch, dtype: torch.dtype, 
     from worker.models import vae as vae_mod
 
     channels_last = memory_format == torch.channels_last_3d
-    _conv3d_bias_as_on_cuda(monkeypatch)  # the patched time conv adds its bias in the interleave, as cuDNN's path
     if channels_last:
         _conv3d_layout_as_on_cuda(monkeypatch)
     plain, patched = _upsample3d_pair(dtype, channels_last)
@@ -501,7 +500,6 @@ def test_upsample3d_in_layout_with_subpixel_conv(monkeypatch, dtype: torch.dtype
     subpixel conv's own output included (but where one frame passes through, which keeps diffusers' views)."""
     from worker.models import vae as vae_mod
 
-    _conv3d_bias_as_on_cuda(monkeypatch)
     _conv3d_layout_as_on_cuda(monkeypatch)
     plain, patched = _upsample3d_pair(dtype, True)
     vae_mod._subpixel_upsamplers(plain)
@@ -538,11 +536,10 @@ def _time_layout_pair(dtype: torch.dtype, channels_last: bool, *patches) -> tupl
 
 
 def _count_interleaves(monkeypatch, seen: list) -> None:
-    """Record the time conv output each temporal upsampler interleaves (with its bias) in its own layout."""
-    from worker.models import vae as vae_mod
+    from worker.models import frame_pairs
 
-    real = vae_mod.conv_bias_from_pairs
-    monkeypatch.setattr(vae_mod, "conv_bias_from_pairs", lambda y, *rest: seen.append(y) or real(y, *rest))
+    real = frame_pairs.from_pairs
+    monkeypatch.setattr(frame_pairs, "from_pairs", lambda y, *fmt: seen.append(y) or real(y, *fmt))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -551,7 +548,6 @@ def test_time_layout_streamed_decode_equals_diffusers(monkeypatch, dtype: torch.
     """A streamed decode over three chunks with the temporal upsamplers' interleave in the activation's layout:
     chunk for chunk bit for bit the unpatched decode, also with NDHWC conv weights and activations as on CUDA, where
     the upsamplers' outputs then stay NDHWC."""
-    _conv3d_bias_as_on_cuda(monkeypatch)
     if channels_last:
         _conv3d_layout_as_on_cuda(monkeypatch)
     plain, patched = _time_layout_pair(dtype, channels_last)
@@ -612,7 +608,6 @@ def test_time_layout_with_all_cuda_patches_equals_without(monkeypatch, layout_fi
 def test_row_bands_with_time_layout(monkeypatch, bands: list[tuple[int, int]], channels_last: bool) -> None:
     """Row bands (worker/models/vae_rows.py runs each upsampler as the module) take the time layout path: each band
     bit for bit the band without it, and stacked, the whole frames of diffusers' modules."""
-    _conv3d_bias_as_on_cuda(monkeypatch)
     if channels_last:
         _conv3d_layout_as_on_cuda(monkeypatch)
     z = _latents(4)
@@ -726,27 +721,3 @@ def test_band_work_counts_the_decoders_conv_flops() -> None:
     per_latent_pixel = sum(m.weight.numel() for m in whole_frame)
     expected = 2 * CHUNK_LATENT_FRAMES * cols * (rows * per_latent_pixel + band_work(dec, rows, (0, rows * 8)))
     assert counted == expected
-
-
-@pytest.mark.usefixtures("dynamo_eager")
-def test_upsampler_bias_interleaves_trace_whole_and_match_the_copies() -> None:
-    """The upsamplers' bias + interleave chains trace as whole graphs with frames, rows and columns symbolic, and
-    give what the conv's bias add followed by the interleaving copies they replace gave, in either layout."""
-    from worker.models import frame_pairs, fused
-
-    g = torch.Generator().manual_seed(11)
-    bias = torch.randn(12, generator=g)
-    for n, h, w in ((2, 3, 5), (4, 6, 5), (1, 3, 4)):
-        for channels_last in (False, True):
-            fmt2d = torch.channels_last if channels_last else torch.contiguous_format
-            y = torch.randn(n, 12, h, w, generator=g).contiguous(memory_format=fmt2d)
-            z = y + bias.view(-1, 1, 1)
-            want = torch.empty(n, 3, 2 * h, 2 * w).contiguous(memory_format=fmt2d)
-            want.unflatten(3, (w, 2)).unflatten(2, (h, 2)).copy_(z.unflatten(1, (3, 2, 2)).permute(0, 1, 4, 2, 5, 3))
-            got = fused.conv_bias_subpixel(y, bias, channels_last)
-            assert torch.equal(got, want) and got.is_contiguous(memory_format=fmt2d), (n, h, w, channels_last)
-            fmt3d = torch.channels_last_3d if channels_last else torch.contiguous_format
-            p = torch.randn(1, 12, n, h, w, generator=g).contiguous(memory_format=fmt3d)
-            got = fused.conv_bias_from_pairs(p, bias, channels_last)
-            want = frame_pairs.from_pairs(p + bias.view(-1, 1, 1, 1), fmt3d)
-            assert torch.equal(got, want) and got.is_contiguous(memory_format=fmt3d), (n, h, w, channels_last)

@@ -305,27 +305,3 @@ def conv_bias_residual_from_pairs(p: torch.Tensor, conv_bias: torch.Tensor, shor
     """conv_bias_residual(frame_pairs.from_pairs(p), conv_bias, shortcut), channels-last-3d."""
     y = frame_pairs.pairs_in_frames_order(p)
     return ((y + conv_bias) + shortcut.permute(0, 2, 3, 4, 1)).contiguous().permute(0, 4, 1, 2, 3)
-
-
-# The decoder's upsamplers (worker.models.vae): a conv's bias added in the pass that interleaves the conv's output
-# into the layout the next layer reads. PyTorch's cuDNN path adds it in a separate in-place pass over the output.
-def _bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return y if bias is None else y + bias.view(-1, *[1] * (y.dim() - 2))
-
-
-@fusable(tokens={0: (0, 2, 3)}, single_pass_rows=False)  # frames, rows and columns vary
-def conv_bias_subpixel(y: torch.Tensor, bias: torch.Tensor | None, channels_last: bool) -> torch.Tensor:
-    """A subpixel upsampler's conv output [N, 4C, h, w] (channel 4c + 2a + b: channel c at row parity a, column
-    parity b) plus the conv's bias, interleaved to [N, C, 2h, 2w] (channels-last or channels-first)."""
-    n, c4, h, w = y.shape
-    z = _bias(y, bias).unflatten(1, (c4 // 4, 2, 2)).permute(0, 1, 4, 2, 5, 3).reshape(n, c4 // 4, 2 * h, 2 * w)
-    return z.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-@fusable(tokens={0: (2, 3, 4)}, single_pass_rows=False)
-def conv_bias_from_pairs(y: torch.Tensor, bias: torch.Tensor | None, channels_last: bool) -> torch.Tensor:
-    """frame_pairs.from_pairs(y + bias): a temporal upsampler's time conv output [B, 2C, n, H, W], whose two channel
-    halves are frames 2s and 2s + 1, plus the conv's bias, as [B, C, 2n, H, W] (channels-last-3d or -first)."""
-    b, c2, n, h, w = y.shape
-    z = _bias(y, bias).unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * n, h, w)
-    return z.contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)

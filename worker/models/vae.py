@@ -36,12 +36,10 @@ from worker.models import frame_pairs
 from worker.models.causal_conv import causal_conv3d, conv_behind_cache
 from worker.models.condition_stream import ConditionStream, encoder_layer_count
 from worker.models.fused import (
-    conv_bias_from_pairs,
     conv_bias_residual,
     conv_bias_residual_from_pairs,
     conv_bias_rms_norm,
     conv_bias_rms_norm_pairs,
-    conv_bias_subpixel,
     wan_rms_norm,
     wan_rms_norm_to_pairs,
 )
@@ -272,8 +270,7 @@ def _upsample_in_own_dtype(vae: AutoencoderKLWan) -> None:
 
 def _subpixel_upsamplers(vae: AutoencoderKLWan) -> None:
     """Each decoder upsampler's "nearest 2x, then 3x3 conv" as one 3x3 conv on the low-resolution input with four
-    times the output channels, one set per output phase (row parity a, column parity b), then one interleaving copy
-    that also adds the conv's bias (fused.conv_bias_subpixel: PyTorch's cuDNN path would add it in a pass of its own).
+    times the output channels, one set per output phase (row parity a, column parity b), then one interleaving copy.
 
     After nearest upsampling, output row 2i + a of the conv sees input rows i - 1 + a and i + a only (a = 0: the
     kernel's top row alone on row i - 1, its two lower rows summed on row i; a = 1: the upper two summed on row i,
@@ -307,8 +304,12 @@ def _subpixel_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[
 
 
 def _subpixel_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    y = torch.nn.functional.conv2d(x, weight, None, padding=1)  # [N, 4C, h, w]; the bias comes with the interleave
-    return conv_bias_subpixel(y, bias, y.is_contiguous(memory_format=torch.channels_last))
+    y = torch.nn.functional.conv2d(x, weight, bias, padding=1)  # [N, 4C, h, w]
+    n, c4, h, w = y.shape
+    fmt = torch.channels_last if y.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty((n, c4 // 4, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=fmt)
+    out.unflatten(3, (w, 2)).unflatten(2, (h, 2)).copy_(y.unflatten(1, (c4 // 4, 2, 2)).permute(0, 1, 4, 2, 5, 3))
+    return out
 
 
 def _time_upsamplers_in_layout(vae: AutoencoderKLWan) -> None:
@@ -320,11 +321,8 @@ def _time_upsamplers_in_layout(vae: AutoencoderKLWan) -> None:
     copies) are then not channels-last either, and the next residual block's norms, cache and convs run on
     channels-first tensors that cuDNN converts back. Here the interleave writes straight into a tensor of the time
     conv's output format, so those frames are a channels-last view and stay channels-last through the 2D resample
-    (whatever it is patched to) and after it; it also adds the time conv's bias (fused.conv_bias_from_pairs),
-    which PyTorch's cuDNN path adds in a pass of its own. The same calls on the same cache entries and the same
-    values, up to the order of the convs' sums where cuDNN picks another kernel for the other layout (bit for bit in
-    the CPU tests, with the bias added after the conv as on CUDA). The time conv pads inside cuDNN
-    (causal_conv3d) whatever LINGBOT_VAE_CONV_PAD says.
+    (whatever it is patched to) and after it. The same calls on the same cache entries and the same values, up to
+    the order of the convs' sums where cuDNN picks another kernel for the other layout (bit for bit in the CPU tests).
     A call that only passes one frame through (the streamed decode's first) keeps diffusers' views, whose size-1
     time dims get strides that PyTorch (and so cuDNN) reads as channels-first: once per stream. On 2 x H200 a rank's
     band of a chunk went 84 -> 81 ms (docs/PERFORMANCE.md v28b)."""
@@ -339,7 +337,7 @@ def _upsample3d_in_layout(
     # diffusers' WanResample.forward for "upsample3d" step for step: the stream's first call ("Rep") and calls
     # without a cache let the frames through; every later one runs the time conv behind the cached frames and keeps
     # the input's last CACHE_T frames (behind the previous cache's last frame, or a zero frame after "Rep", when
-    # shorter). Only the interleave's copy (with the time conv's bias) is ours.
+    # shorter). Only the interleave's copy is ours.
     b, c, t, h, w = x.shape
     if feat_cache is not None:
         idx = feat_idx[0]
@@ -352,9 +350,8 @@ def _upsample3d_in_layout(
             if cache_x.shape[2] < CACHE_T:
                 front = torch.zeros_like(cache_x) if rep else prev[:, :, -1:].to(cache_x.device)
                 cache_x = torch.cat([front, cache_x], dim=2)
-            y = causal_conv3d(m.time_conv, x, None if rep else prev, bias=False)
-            # its two channel halves are two frames; the bias is added in the interleave's pass
-            x = conv_bias_from_pairs(y, m.time_conv.bias, activation_format(y) == torch.channels_last_3d)
+            y = m.time_conv(x) if rep else m.time_conv(x, prev)
+            x = frame_pairs.from_pairs(y, activation_format(y))  # its two channel halves are two frames
             feat_cache[idx] = cache_x
         feat_idx[0] += 1
     t = x.shape[2]
