@@ -1,8 +1,9 @@
 """Streamed VAE decode cost at 832x480 (full-size Wan2.1 VAE, random weights, bf16), and where it goes.
 
     python3 scripts/profile_vae.py [--save FRAMES.pt] [--compare FRAMES.pt] [--kernels N]
-LINGBOT_VAE_FUSED_NORM=0 / LINGBOT_VAE_CONV_PAD=0 / LINGBOT_VAE_SUBPIXEL=0 switch off the decoder patches of
-worker/models/vae.py.
+LINGBOT_VAE_FUSED_NORM=0 / LINGBOT_VAE_CONV_PAD=0 / LINGBOT_VAE_SUBPIXEL=0 / LINGBOT_VAE_PAIRS=0 /
+LINGBOT_VAE_TIME_LAYOUT=0 switch off the decoder patches of worker/models/vae.py, LINGBOT_VAE_BEHIND=0 the norms
+writing behind their conv's cached frames (worker/models/causal_conv.py).
 Prints ms per steady 12-frame chunk (3 latent frames) and the top kernels of one such chunk; --compare reports the
 relative L2 distance of this run's frames from frames saved by another run (same seed, same latents).
 """
