@@ -50,8 +50,13 @@ def band_windows(decoder: WanDecoder3d, latent_rows: int, rows: tuple[int, int])
     return _windows([kind for kind, _ in _ops(decoder)], latent_rows, rows)
 
 
+def _height(kinds: list[str], latent_rows: int) -> int:
+    """The decoded frame's rows: the latent rows, doubled by each upsampler."""
+    return latent_rows * 2 ** kinds.count("up")
+
+
 def _windows(kinds: list[str], latent_rows: int, rows: tuple[int, int]) -> list[tuple[int, int]]:
-    height = latent_rows * 2 ** kinds.count("up")
+    height = _height(kinds, latent_rows)
     a, b = rows
     if not 0 <= a < b <= height:
         raise ValueError(f"rows {rows} outside the decoded height {height}")
@@ -110,7 +115,7 @@ def balanced_bands(decoder: WanDecoder3d, latent_rows: int, parts: int) -> list[
 @functools.lru_cache(maxsize=32)
 def _balanced_bands(decoder: WanDecoder3d, latent_rows: int, parts: int) -> tuple[tuple[int, int], ...]:
     kinds, weights = _row_weights(decoder)
-    height = latent_rows * 2 ** kinds.count("up")
+    height = _height(kinds, latent_rows)
     if not 1 <= parts <= height:
         raise ValueError(f"cannot split {height} rows into {parts} bands")
 
@@ -151,6 +156,16 @@ def _crop(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return x[:, :, :, start:stop].contiguous(memory_format=activation_format(x))
 
 
+@functools.lru_cache(maxsize=32)
+def _plan(decoder: WanDecoder3d, latent_rows: int, rows: tuple[int, int] | None) -> tuple[tuple, tuple[int, int]]:
+    """((op, its input window) for each op of _ops, the output rows; rows None: all of them), per decoder and
+    geometry: decode_rows runs once per latent frame."""
+    ops = _ops(decoder)
+    kinds = [kind for kind, _ in ops]
+    rows = rows or (0, _height(kinds, latent_rows))
+    return tuple(zip(ops, _windows(kinds, latent_rows, rows))), rows
+
+
 def decode_rows(decoder: WanDecoder3d, x: torch.Tensor, rows: tuple[int, int] | None, feat_cache: list,
                 feat_idx: list[int], first_chunk: bool = False) -> torch.Tensor:
     """WanDecoder3d.forward(x, feat_cache, feat_idx, first_chunk) restricted to output rows [a, b): [B, 3, T', b-a, W]
@@ -162,11 +177,9 @@ def decode_rows(decoder: WanDecoder3d, x: torch.Tensor, rows: tuple[int, int] | 
     cache)."""
     x = cached_causal_conv(decoder.conv_in, x, feat_cache, feat_idx)
     x = decoder.mid_block(x, feat_cache=feat_cache, feat_idx=feat_idx)
-    ops = _ops(decoder)
-    kinds = [kind for kind, _ in ops]
-    rows = rows or (0, x.shape[3] * 2 ** kinds.count("up"))
+    steps, rows = _plan(decoder, x.shape[3], None if rows is None else tuple(rows))
     start = 0  # the first row of x, at x's resolution
-    for (kind, module), (lo, hi) in zip(ops, _windows(kinds, x.shape[3], rows)):
+    for (kind, module), (lo, hi) in steps:
         x, start = _crop(x, lo - start, hi - start), lo
         if kind == "res":
             x = module(x, feat_cache=feat_cache, feat_idx=feat_idx)
