@@ -185,6 +185,19 @@ def test_cache_refresh_only_writes_kv():
     # The refresh rewrote chunk 0's K/V from other inputs, so the next chunk sees different context.
     assert not torch.allclose(run(True), run(False))
 
+    # The refresh's last block projects k (and v, written into its cache slot by addmm, no module call) and not
+    # q: nothing reads it (nor, on several ranks, exchanges it).
+    calls = []
+    for i, blk in enumerate(model.blocks):
+        for name in ("q", "k"):
+            getattr(blk.self_attn, name).register_forward_hook(lambda *_, i=i, n=name: calls.append((i, n)))
+    cache = KVCache(num_layers=TINY.num_layers, frame_tokens=6, total_frames=6, sink=0, window=6,
+                    heads=TINY.num_heads, head_dim=TINY.head_dim, dtype=torch.float32, device="cpu")
+    model(x[:, :, :3], y[:, :, :3], 0.0, kv, model.prepare_chunk(cam[:, :, :3], 0, cache), cache_only=True)
+    last = TINY.num_layers - 1
+    assert [n for i, n in calls if i == last] == ["k"]
+    assert all([n for i, n in calls if i == j] == ["q", "k"] for j in range(last))
+
 
 def test_text_encoder_offload_policy():
     from worker.engine import offload_text_encoder

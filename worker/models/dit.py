@@ -156,7 +156,8 @@ class SelfAttention(Attention):
             # RMSNorm (across all heads) and RoPE in one pass over q and over k; k and v written straight into the
             # chunk's cache slots where they are one run of slots (else copied there by cache.write).
             groups = (self.num_heads,)
-            q = norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, groups=groups).view(b, s, *hd)
+            q = None if cache_only else norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps,
+                                                  groups=groups).view(b, s, *hd)
             k = norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, groups=groups,
                           out=slots[0] if slots else None).view(b, s, *hd)
             if slots:
@@ -175,8 +176,9 @@ class SelfAttention(Attention):
             # exchange runs while k and v are projected. K and V arrive straight in this chunk's cache slots.
             groups = sp.split_heads(self.num_heads)
             shape = (b, s, *hd)
-            q = sp.seq_to_heads_async(norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, groups=groups),
-                                      shape, ctx.num_tokens, tag="q")
+            q = (lambda: None) if cache_only else sp.seq_to_heads_async(
+                norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, groups=groups), shape, ctx.num_tokens,
+                tag="q")
             k = norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, groups=groups)
             k = sp.seq_to_heads_async(k, shape, ctx.num_tokens, out=slots[0] if slots else None, tag="k")
             v_out = slots[1] if slots else None
@@ -188,7 +190,7 @@ class SelfAttention(Attention):
             q, k, v = q(), k(), v()
             if ctx.cache is not None:
                 k, v = ctx.cache.visible(layer) if slots else ctx.cache.write(layer, k, v)
-        if cache_only:
+        if cache_only:  # the refresh's last block: its K/V are all a later chunk reads (q was never projected)
             return None
         # One rank's whole set of heads is where filling FA4's last wave was measured to pay (wave_split.py).
         out = attention(q, k, v, ctx.attn_mask, wave_split=not sp.enabled)
