@@ -308,3 +308,31 @@ def test_gated_norm_gives_the_same_forwards_and_cache_refreshes(monkeypatch):
     assert gated_norm_setting({}) is True and gated_norm_setting({"LINGBOT_GATED_NORM": "0"}) is False
     with pytest.raises(ValueError, match="LINGBOT_GATED_NORM"):
         gated_norm_setting({"LINGBOT_GATED_NORM": "on"})
+
+
+def test_counted_chunk_flops_are_pytorchs_count():
+    """worker.bench.dit_chunk_flops (the benchmark's MFU numerator) against PyTorch's FLOP counter over one real
+    chunk of the tiny model: its camera modulation, the four denoising forwards and a cache refresh. The counter sees
+    every matmul, conv and attention the forwards run, so a projection the count leaves out (or one the model runs
+    for nothing, as the refresh's last q once was) fails this."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from worker.bench import dit_chunk_flops
+
+    model = build_dit(TINY, dtype=torch.float32, seed=3)
+    x, y, cam, text = _inputs(num_chunks=1)
+    lat_h, lat_w = x.shape[3], x.shape[4]
+    cache = KVCache(num_layers=TINY.num_layers, frame_tokens=(lat_h // 2) * (lat_w // 2), total_frames=3, sink=0,
+                    window=3, heads=TINY.num_heads, head_dim=TINY.head_dim, dtype=torch.float32, device="cpu")
+    kv = model.encode_text(text)
+    steps = dmd_schedule().timesteps
+    emb = {t: model.time_embedding_for(t) for t in (*steps, 0)}  # per job, outside a chunk's count
+    # SDPA's math form: its two batched matmuls are what the counter sees (the CPU's fused kernel it does not).
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        ctx = model.prepare_chunk(cam, 0, cache)
+        for t in steps:
+            model(x, y, t, kv, ctx, time_emb=emb[t])
+        model(x, y, 0, kv, ctx, cache_only=True, time_emb=emb[0])
+    want = dit_chunk_flops(TINY, lat_h, lat_w, kv_frames=3, refresh_kv_frames=3)["total"]
+    assert counter.get_total_flops() == want

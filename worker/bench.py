@@ -47,12 +47,13 @@ def dit_chunk_flops(cfg: DiTConfig, lat_h: int, lat_w: int, kv_frames: int, refr
 
     block = block_flops(kv_frames * frame)
     steps = len(dmd_schedule().timesteps)
-    # the refresh runs every block but the last fully; the last only makes K and V
+    # the refresh runs every block but the last fully; the last only projects K and V
     refresh_keys = (kv_frames if refresh_kv_frames is None else refresh_kv_frames) * frame
-    refresh = (layers - 1) * block_flops(refresh_keys) + 2 * n * d * d * 3 if refresh else 0
+    embed = 2 * n * cfg.in_dim * math.prod(cfg.patch_size) * d
+    head = 2 * n * d * cfg.out_dim * math.prod(cfg.patch_size)
+    refresh = embed + (layers - 1) * block_flops(refresh_keys) + 2 * n * d * d * 2 if refresh else 0
     camera = layers * 4 * 2 * n * d * d + 2 * n * cfg.camera_in_features * d + 2 * 2 * n * d * d
-    embed_head = 2 * n * cfg.in_dim * math.prod(cfg.patch_size) * d + 2 * n * d * cfg.out_dim * math.prod(cfg.patch_size)
-    total = steps * (layers * block + embed_head) + refresh + camera
+    total = steps * (embed + layers * block + head) + refresh + camera
     return {"total": float(total), "per_forward": float(layers * block), "camera": float(camera)}
 
 
