@@ -178,4 +178,11 @@ def test_start_up_warm_up_captures_every_span_under_warm(engine, monkeypatch):
     real = engine.rollout
     monkeypatch.setattr(engine, "rollout", lambda job: chunks.append(job.num_chunks) or real(job))
     pool.warmup(engine)
-    assert chunks == [1]  # one chunk otherwise
+    assert chunks == [2]  # two chunks otherwise (the second runs the first refresh and a steady decode)
+    monkeypatch.setenv("LINGBOT_WARMUP", "1")
+    pool.warmup(engine, pool.warmup_chunks_setting())
+    assert chunks == [2, 1]
+    for bad in ("yes", "-1", "1.5"):
+        monkeypatch.setenv("LINGBOT_WARMUP", bad)
+        with pytest.raises(ValueError, match="LINGBOT_WARMUP"):
+            pool.warmup_chunks_setting()

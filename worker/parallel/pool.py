@@ -438,20 +438,33 @@ def load_generator(model: str | None, device: str | None, ranks: int | None, *, 
         gen = RankPool.start(model, ranks=ranks, device=device, text_encoder=text_encoder)
     else:
         gen = Engine.load(model, device=device, text_encoder=text_encoder)
-    if device.startswith("cuda") and os.environ.get("LINGBOT_WARMUP", "1") != "0":
-        warmup(gen)
+    chunks = warmup_chunks_setting()
+    if device.startswith("cuda") and chunks:
+        warmup(gen, chunks)
     return gen
 
 
-def warmup(gen) -> float:
-    """One throw-away chunk at the default size on every rank: kernel compilation, cuDNN plans and the allocator
-    are paid at start-up, not by the first caller. Under LINGBOT_CUDA_GRAPHS=warm, as many chunks as it takes to
-    fill the K/V cache, so that every span's graphs are captured here too. Returns the seconds it took."""
+def warmup_chunks_setting() -> int:
+    """LINGBOT_WARMUP: chunks of the start-up warm-up job (0: none). Default 2: a job's second chunk is the first
+    to run a cache refresh and to decode with every decoder cache filled from a chunk before, and the decoder's
+    fused norms compile again for those inputs' strides. After one warm-up chunk, a fresh worker's first job
+    stalled 3.6 s in its second chunk (one H100, cold kernel cache; docs/PERFORMANCE.md v31d)."""
+    value = os.environ.get("LINGBOT_WARMUP", "2").strip()
+    if not value.isdigit():
+        raise ValueError(f"LINGBOT_WARMUP={value!r}: must be a number of chunks (0 turns the warm-up off)")
+    return int(value)
+
+
+def warmup(gen, chunks: int = 2) -> float:
+    """A throw-away job of `chunks` chunks at the default size on every rank: kernel compilation, cuDNN plans and
+    the allocator are paid at start-up, not by the first caller. Under LINGBOT_CUDA_GRAPHS=warm, at least as many
+    chunks as it takes to fill the K/V cache, so that every span's graphs are captured here too. Returns the
+    seconds it took."""
     t = time.perf_counter()
     w, h = DEFAULT_SIZE
     engine = getattr(gen, "engine", gen)
-    kept = chunk_graphs.keeps_graphs(engine.graph_mode)
-    chunks = -(-(DEFAULT_KV_SINK + DEFAULT_KV_WINDOW) // CHUNK_LATENT_FRAMES) if kept else 1
+    if chunk_graphs.keeps_graphs(engine.graph_mode):
+        chunks = max(chunks, -(-(DEFAULT_KV_SINK + DEFAULT_KV_WINDOW) // CHUNK_LATENT_FRAMES))
     g = torch.Generator().manual_seed(0)
     job = RolloutJob(prompt="warm-up", image=torch.rand(3, h, w, generator=g) * 2 - 1, num_chunks=chunks, width=w,
                      height=h, seed=0, kv_window=DEFAULT_KV_WINDOW, kv_sink=DEFAULT_KV_SINK)
