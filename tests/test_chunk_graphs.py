@@ -186,3 +186,7 @@ def test_start_up_warm_up_captures_every_span_under_warm(engine, monkeypatch):
         monkeypatch.setenv("LINGBOT_WARMUP", bad)
         with pytest.raises(ValueError, match="LINGBOT_WARMUP"):
             pool.warmup_chunks_setting()
+    # A bad value stops a start before the model loads.
+    monkeypatch.setattr(pool.Engine, "load", lambda *a, **k: pytest.fail("loaded despite a bad LINGBOT_WARMUP"))
+    with pytest.raises(ValueError, match="LINGBOT_WARMUP"):
+        pool.load_generator("tiny", "cpu", 1)

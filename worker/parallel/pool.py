@@ -432,30 +432,33 @@ def load_generator(model: str | None, device: str | None, ranks: int | None, *, 
     """An Engine on one rank, or a RankPool in front of one: what the CLI and both platform adapters serve."""
     device = device or default_device()
     ranks = ranks or int(os.environ.get("LINGBOT_NUM_GPUS", "1"))
-    attention_backend_setting()  # a bad LINGBOT_ATTENTION(_SPLIT) fails here, before minutes of loading
+    attention_backend_setting()  # a bad LINGBOT_ATTENTION(_SPLIT) or LINGBOT_WARMUP fails here, before the loading
     wave_split_setting()
+    chunks = warmup_chunks_setting()
     if ranks > 1:
         gen = RankPool.start(model, ranks=ranks, device=device, text_encoder=text_encoder)
     else:
         gen = Engine.load(model, device=device, text_encoder=text_encoder)
-    chunks = warmup_chunks_setting()
     if device.startswith("cuda") and chunks:
         warmup(gen, chunks)
     return gen
 
 
+# A job's second chunk is the first to run a cache refresh and to decode with every decoder cache filled from a
+# chunk before, and the decoder's fused norms compile again for those inputs' strides: after a one-chunk warm-up
+# a fresh worker's first job stalled 3.4 s in its second chunk (one H100, empty kernel cache; PERFORMANCE.md v31d).
+DEFAULT_WARMUP_CHUNKS = 2
+
+
 def warmup_chunks_setting() -> int:
-    """LINGBOT_WARMUP: chunks of the start-up warm-up job (0: none). Default 2: a job's second chunk is the first
-    to run a cache refresh and to decode with every decoder cache filled from a chunk before, and the decoder's
-    fused norms compile again for those inputs' strides. After one warm-up chunk, a fresh worker's first job
-    stalled 3.6 s in its second chunk (one H100, cold kernel cache; docs/PERFORMANCE.md v31d)."""
-    value = os.environ.get("LINGBOT_WARMUP", "2").strip()
+    """LINGBOT_WARMUP: chunks of the start-up warm-up job (0: none; default DEFAULT_WARMUP_CHUNKS)."""
+    value = os.environ.get("LINGBOT_WARMUP", str(DEFAULT_WARMUP_CHUNKS)).strip()
     if not value.isdigit():
         raise ValueError(f"LINGBOT_WARMUP={value!r}: must be a number of chunks (0 turns the warm-up off)")
     return int(value)
 
 
-def warmup(gen, chunks: int = 2) -> float:
+def warmup(gen, chunks: int = DEFAULT_WARMUP_CHUNKS) -> float:
     """A throw-away job of `chunks` chunks at the default size on every rank: kernel compilation, cuDNN plans and
     the allocator are paid at start-up, not by the first caller. Under LINGBOT_CUDA_GRAPHS=warm, at least as many
     chunks as it takes to fill the K/V cache, so that every span's graphs are captured here too. Returns the
