@@ -2,7 +2,7 @@
 
     LINGBOT_COMPILE_CACHE=/tmp/cc python3 scripts/compile_cache_check.py [--ranks 1]
 
-Prints the seconds from process start to a ready random-weight engine (warm-up chunk included, no text encoder),
+Prints the seconds from process start to a ready random-weight engine (warm-up included, no text encoder),
 Inductor's FX-graph and AOTAutograd cache counters (hits, misses, bypasses) and every distinct reason Inductor
 logged for bypassing its FX-graph cache. docs/PERFORMANCE.md v16c found the fused chains re-lowered in every
 process although the Triton binaries came from the folder; this shows whether, and why.

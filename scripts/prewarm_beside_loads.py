@@ -4,9 +4,9 @@
     PYTHONPATH=. LINGBOT_COMPILE_CACHE=/tmp/pwcc python3 scripts/prewarm_beside_loads.py {lock,nolock} --ckpt DIR
 
 DIR is a tiny diffusers-layout checkpoint (`python3 scripts/cold_start_full.py write --preset tiny --device cpu
---dtype bf16 --dir DIR`). `record` runs the warm-up chunk and writes the manifest. `lock` and `nolock` replay it
+--dtype bf16 --dir DIR`). `record` runs the warm-up and writes the manifest. `lock` and `nolock` replay it
 on a thread while the main thread loads the VAE and the text encoder in a loop, with and without
-`prewarm.exclusive` around the loads. Each prints the default dtype afterwards and the graphs the warm-up chunk
+`prewarm.exclusive` around the loads. Each prints the default dtype afterwards and the graphs the warm-up
 still traced (docs/PERFORMANCE.md v22d).
 """
 import argparse

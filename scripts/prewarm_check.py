@@ -2,8 +2,8 @@
 
     LINGBOT_COMPILE_CACHE=/tmp/cc python3 scripts/prewarm_check.py [--device cuda] [--model lingbot-world-fast]
 
-Runs the warm-up chunk recording the manifest (worker/models/prewarm.py), forgets every traced graph
-(torch._dynamo.reset, what a new process starts from), replays the manifest, then runs the warm-up chunk again
+Runs the start-up warm-up recording the manifest (worker/models/prewarm.py), forgets every traced graph
+(torch._dynamo.reset, what a new process starts from), replays the manifest, then runs the warm-up again
 with Dynamo's recompile log on: every graph the second warm-up traces is a replay that missed, and the log says
 which guard failed. On the CPU (tests' tiny model) the chains are traced with Dynamo's eager backend.
 """

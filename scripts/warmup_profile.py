@@ -1,4 +1,4 @@
-"""Where the start-up warm-up chunk's seconds go, with the kernel caches already full.
+"""Where the start-up warm-up's seconds go (its chunks: LINGBOT_WARMUP), with the kernel caches already full.
 
     LINGBOT_COMPILE_CACHE=/tmp/cc python3 scripts/warmup_profile.py [--ranks 1] [--top 45] [--model tiny --device cpu]
 
@@ -6,8 +6,8 @@ Run it twice against one cache folder: the first run fills the caches, the secon
 cache volume sees (docs/PERFORMANCE.md v21c: 24 s of warm-up after 41 s of weights on one H200). It builds the
 full-size model with random weights (no text encoder), then runs `warmup` under a sampling profiler (every
 working thread's stack every 5 ms) and prints the thread-seconds inside each function (inclusive) and per
-library, Dynamo's compile-time table, and a second warm-up chunk's seconds: the chunk's own work, with nothing
-left to compile.
+library, Dynamo's compile-time table, and a second warm-up's seconds: the chunks' own work, with nothing left
+to compile.
 """
 import time
 
@@ -87,7 +87,7 @@ def main() -> None:
     sampler.join()
     second = warmup(gen)
     dt = sampler.interval
-    print(f"warm-up chunk: {first:.1f} s, {traced} graphs traced in it; a second one: {second:.1f} s; "
+    print(f"warm-up: {first:.1f} s, {traced} graphs traced in it; a second one: {second:.1f} s; "
           f"{sampler.samples} samples of the first")
     print("seconds by the innermost library on the stack:")
     for lib, n in sampler.lib_leaf.most_common():

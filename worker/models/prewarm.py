@@ -8,7 +8,7 @@ specs (shape, stride, dtype; values of the others) of every call that made Dynam
 beside the kernel cache; the next process replays them on empty tensors in a thread while its weights load.
 
 A manifest is a hint, never a requirement: an entry that no longer matches the code is skipped, and whatever the
-replay missed compiles in the warm-up chunk as before.
+replay missed compiles in the warm-up as before.
 """
 
 from __future__ import annotations
