@@ -70,7 +70,7 @@ for kind, chain, into, front0 in (
         results = {}
         for variant in ("cat", "behind", "into") if into else ("cat", "behind"):
             torch._dynamo.reset()
-            x, front = x0.clone(memory_format=torch.channels_last_3d), front0.clone(memory_format=torch.channels_last_3d)
+            x, front = (t.clone(memory_format=torch.channels_last_3d) for t in (x0, front0))
             if kind == "pairs2":  # norm2 of a paired block: packed conv output in, the conv's bias first
                 x = frame_pairs.to_pairs(x)
             args = (x, gamma, C**0.5, 0.0, True) if kind != "pairs2" else (x, bias, gamma, C**0.5, 0.0, True)

@@ -14,15 +14,15 @@ parts, 0.949x the one call's time over 60 interleaved graph replays (model: 0.94
 2 GPUs), model 0.97x, measured 0.99-1.00x; 10 heads, model and measurement 1.0x. In the one-GPU rollout the
 decode, which runs beside the DiT at low priority, had been filling those idle SMs: with the decode's convs on
 frame pairs (v29b) the DiT took 11-19 ms less per chunk and the 14-chunk rollout 2% less time; before them,
-0-17 ms of DiT and nothing end to end beyond the runs' spread. So the DiT asks for it on one rank only (`attention(..., wave_split=True)`), the one setting measured
-to gain; LINGBOT_ATTENTION_SPLIT=0 turns it off.
+0-17 ms of DiT and nothing end to end beyond the runs' spread. So the DiT asks for it on one rank only
+(`attention(..., wave_split=True)`), the one setting measured to gain; LINGBOT_ATTENTION_SPLIT=0 turns it off.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
