@@ -214,7 +214,7 @@ def test_fp8_linears_track_bf16_and_keep_running():
 
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(64, 48)
-    x = torch.randn(3, 37, 64, generator=g)  # 111 rows: not a multiple of 16, so the padding path runs
+    x = torch.randn(3, 37, 64, generator=g)  # 111 rows: not a multiple of 16
     ref = lin(x)
     out = Fp8Linear(lin)(x)
     rel = ((out - ref).norm() / ref.norm()).item()
@@ -228,6 +228,41 @@ def test_fp8_linears_track_bf16_and_keep_running():
     ctx = model.prepare_chunk(cam, 0, None)
     got = model(xx, y, 500.0, model.encode_text(text), ctx)
     assert ((got - ref).norm() / ref.norm()).item() < 0.1
+
+
+def test_fp8_inputs_quantised_once_per_reader_group(monkeypatch):
+    """q, k and v read one quantisation of their input and the FFN's GELU comes quantised for the down projection:
+    the same numbers as quantising at every linear, with 6 quantisations a block instead of 8."""
+    from worker.models import fp8
+
+    g = torch.Generator().manual_seed(1)
+    a, b = fp8.Fp8Linear(torch.nn.Linear(64, 96)), fp8.Fp8Linear(torch.nn.Linear(96, 48))
+    x = torch.randn(2, 9, 64, generator=g)
+    shared = fp8.shared_input(x, a)
+    assert isinstance(shared, fp8.Fp8Input) and fp8.shared_input(x, torch.nn.Linear(64, 96)) is x
+    assert torch.equal(a(shared), a(x))
+    got = b(a.forward_gelu(x))
+    assert got.shape == (2, 9, 48)
+    assert torch.equal(got, b(torch.nn.functional.gelu(a(x), approximate="tanh")))
+
+    model = build_dit(TINY, dtype=torch.float32, seed=3)
+    xx, y, cam, text = _inputs(num_chunks=1)
+    fp8.convert_blocks_to_fp8(model)
+    ctx, text_kv = model.prepare_chunk(cam, 0, None), model.encode_text(text)
+    calls = {"rows": 0, "gelu": 0}
+    quantize, gelu_quantize = fp8.quantize_rows, fp8.gelu_quantize_rows
+
+    def counted(key, fn):
+        def run(*args):
+            calls[key] += 1
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(fp8, "quantize_rows", counted("rows", quantize))
+    monkeypatch.setattr(fp8, "gelu_quantize_rows", counted("gelu", gelu_quantize))
+    model(xx, y, 500.0, text_kv, ctx)
+    # per block: q/k/v, o, cross-attention q and o, the FFN's up and (with its GELU) down projections
+    assert calls == {"rows": 6 * TINY.num_layers, "gelu": TINY.num_layers}
 
 
 @pytest.mark.parametrize("traced", [False, True])

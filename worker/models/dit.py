@@ -44,6 +44,7 @@ from worker.models.fused import (
     residual_modulated_norm,
     rms_norm,
 )
+from worker.models.fp8 import shared_input
 from worker.models.kv_cache import KVCache
 from worker.models.qk_norm_rope import qk_norm_rope
 from worker.parallel.sp import SINGLE, SequenceParallel, consecutive_slices
@@ -150,6 +151,7 @@ class SelfAttention(Attention):
     ) -> torch.Tensor | None:
         b, s, _ = x.shape
         hd = (self.num_heads, self.head_dim)
+        x = shared_input(x, self.q)  # FP8 linears: quantised once for q, k and v
         norm_rope = functools.partial(qk_norm_rope, cos=ctx.cos, sin=ctx.sin)
         slots = ctx.cache.chunk_slots(layer) if ctx.cache is not None else None
         if not sp.enabled:

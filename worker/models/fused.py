@@ -11,12 +11,16 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from worker.models import frame_pairs, prewarm
+
+if TYPE_CHECKING:
+    from worker.models.fp8 import Fp8Input
 
 log = logging.getLogger("worker.fused")
 _COMPILE = os.environ.get("LINGBOT_COMPILE", "1") != "0"
@@ -194,9 +198,12 @@ def gated_residual_modulated_norm(x, y, gate, shift, scale, eps: float, dtype: t
     return x, modulated_norm.eager(x, shift, scale, eps, dtype)
 
 
-def linear_gelu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def linear_gelu(linear: nn.Module, x: torch.Tensor) -> torch.Tensor | Fp8Input:
     """gelu_tanh(linear(x)); on CUDA the GELU runs in the GEMM's epilogue (cuBLASLt GELU_BIAS, the tanh form)
-    instead of as a separate pass over the [tokens, 13824] activation."""
+    instead of as a separate pass over the [tokens, 13824] activation. FP8 linears (worker.models.fp8) run the GELU
+    in the pass that quantises it for the down projection, and return that quantised input."""
+    if hasattr(linear, "forward_gelu"):
+        return linear.forward_gelu(x)
     if x.is_cuda and _GELU_EPILOGUE and isinstance(linear, nn.Linear) and linear.bias is not None:
         out = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
         return out.view(*x.shape[:-1], -1)

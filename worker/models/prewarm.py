@@ -237,7 +237,7 @@ class Prewarm:
             return
         RECORDER.replayed = True
         self.state, self._default_dtype = global_state(), torch.get_default_dtype()
-        import worker.models.fused  # noqa: F401 - registers the fused chains by name
+        import worker.models.fp8  # noqa: F401 - registers the fused chains by name (fp8 imports fused)
 
         def run() -> None:
             t = time.perf_counter()
