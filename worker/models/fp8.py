@@ -31,7 +31,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gelu_quantize_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_rows(gelu_tanh(y)), the GELU rounded to y's dtype first as a separate GELU would be."""
+    """quantize_rows(gelu_tanh(y)): the FFN's activation, quantised for its down projection in the same pass."""
     return quantize_rows(F.gelu(y, approximate="tanh"))
 
 
