@@ -20,16 +20,22 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_bench_reports_every_figure(tiny_engine, tmp_path) -> None:
     chunks = 12
+    tiny_engine.dit.camera_memo.clear()  # the camera memo is the engine's: other tests' frames may be in it
     res = run_bench(tiny_engine, width=64, height=48, chunks=chunks, window=6, sink=3, warmup_chunks=0,
                     save_latents=tmp_path / "lat.pt")
     rows = res["rows"]
+    # The keys path's 5 motions: chunk 0 holds the identity (frame 0), "w" and "w"+"l"; chunk 1 "l", the identity
+    # again ([]) and "d"; then nothing new. Only computed frames count toward a chunk's FLOPs.
+    assert [r["camera_frames_computed"] for r in rows] == [3, 2] + [0] * (chunks - 2)
+    assert res["camera"] == "keys"
     assert [r["chunk"] for r in rows] == list(range(chunks))
     assert [r["kv_frames"] for r in rows][:4] == [3, 6, 9, 9]  # span grows to sink + window, then stays
     assert res["steady_chunks"] == list(range(2, chunks))
     for r in rows:
         assert r["dit_ms"] > 0 and r["decode_ms"] > 0 and r["encode_ms"] > 0 and r["chunk_ms"] > 0
-    for key in ("dit_ms", "decode_ms", "encode_ms", "chunk_ms"):
+    for key in ("dit_ms", "decode_ms", "encode_ms", "chunk_ms", "host_ms"):
         assert math.isfinite(res["median"][key])
+    assert all(0 < r["host_ms"] for r in rows)
     assert res["first_chunk_s"] > 0 and res["total_s"] >= res["first_chunk_s"]
     frames = 9 + 12 * (chunks - 1)
     assert res["overall_fps"] == pytest.approx(frames / res["total_s"])
@@ -39,16 +45,21 @@ def test_bench_reports_every_figure(tiny_engine, tmp_path) -> None:
     assert res["steady_mean_chunk_ms"] == pytest.approx(sum(flowing) / len(flowing))
     assert res["generated_fps"] == pytest.approx(12 / (res["end_to_end_chunk_ms"] / 1e3))
     # MFU = counted FLOPs / DiT time / measured matmul peak
-    flops = dit_chunk_flops(PRESETS["tiny"].dit, 6, 8, 9)["total"]
+    flops = dit_chunk_flops(PRESETS["tiny"].dit, 6, 8, 9, camera_frames=0)["total"]
     assert res["mfu"] == pytest.approx(flops / (res["median"]["dit_ms"] / 1e3) / (res["matmul_peak_tflops"] * 1e12))
     # A chunk's DiT time holds the chunk before's cache refresh (run after that chunk's frames), over that chunk's
     # span: none in chunk 0, chunk 1's over 3 frames, chunk 2's over 6; from chunk 3 on every chunk's DiT time is a
     # steady one, the last chunk's too.
     tiny = PRESETS["tiny"].dit
     assert rows[0]["dit_tflop"] * 1e12 == pytest.approx(dit_chunk_flops(tiny, 6, 8, 3, refresh=False)["total"])
-    assert rows[1]["dit_tflop"] * 1e12 == pytest.approx(dit_chunk_flops(tiny, 6, 8, 6, refresh_kv_frames=3)["total"])
+    assert rows[1]["dit_tflop"] * 1e12 == pytest.approx(
+        dit_chunk_flops(tiny, 6, 8, 6, refresh_kv_frames=3, camera_frames=2)["total"])
+    assert rows[2]["dit_tflop"] * 1e12 == pytest.approx(
+        dit_chunk_flops(tiny, 6, 8, 9, refresh_kv_frames=6, camera_frames=0)["total"])
+    camera = dit_chunk_flops(tiny, 6, 8, 9)["camera"]
+    assert camera > 0 and dit_chunk_flops(tiny, 6, 8, 9, camera_frames=1)["camera"] == pytest.approx(camera / 3)
     tflop = [r["dit_tflop"] for r in rows]
-    assert tflop[0] < tflop[1] < tflop[2] < tflop[3] == tflop[-1]
+    assert tflop[2] < tflop[3] == tflop[-1]
     assert res["median"]["dit_ms"] == pytest.approx(statistics.median(r["dit_ms"] for r in rows[2:]))
     # The condition encoder reaches its fixed point within the rollout and stays there.
     cached = [r["condition_cached"] for r in rows]
@@ -64,6 +75,13 @@ def test_bench_reports_every_figure(tiny_engine, tmp_path) -> None:
     json.dumps(res)  # the --json output
     lat = torch.load(tmp_path / "lat.pt")
     assert lat.shape == (16, 3 * chunks, 6, 8)
+
+
+def test_the_distinct_camera_path_computes_every_frame(tiny_engine) -> None:
+    res = run_bench(tiny_engine, width=64, height=48, chunks=3, window=6, sink=3, warmup_chunks=1,
+                    camera="distinct")
+    # Frame 0, the identity, is the one frame the warm-up left in the memo.
+    assert [r["camera_frames_computed"] for r in res["rows"]] == [2, 3, 3] and res["camera"] == "distinct"
 
 
 def test_bench_says_which_chunks_were_graph_replays(tiny_engine, monkeypatch) -> None:

@@ -320,8 +320,9 @@ def test_camera_condition_actions_matches_pipeline():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-7)  # fast packed path == reference field + pack
     # the chunked iterator gives the same tensor
     chunks = list(camera.iter_camera_condition(width=64, height=32, num_chunks=2, actions=acts))
-    assert len(chunks) == 2 and all(ch.shape == (1, 384, 3, 4, 8) for ch in chunks)
-    assert torch.equal(torch.cat(chunks, dim=2), got)
+    assert len(chunks) == 2 and all(ch.field.shape == (1, 384, 3, 4, 8) for ch in chunks)
+    assert torch.equal(torch.cat([ch.field for ch in chunks], dim=2), got)
+    assert all(len(ch.frame_keys) == 3 for ch in chunks)
 
 
 def test_camera_condition_truncates_and_pads():

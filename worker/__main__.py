@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from worker.bench import CAMERA_PATHS
 from worker.config import DEFAULT_KV_SINK, DEFAULT_KV_WINDOW, DEFAULT_SIZE
 from worker.parallel.sp import DEFAULT_DECODE_COST, DEFAULT_DECODE_COST_4_RANKS
 
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup-chunks", type=int, default=2, help="chunks of a first, untimed rollout")
     b.add_argument("--fp8", action="store_true", help="FP8 linears in the DiT blocks (same as LINGBOT_FP8=1)")
     b.add_argument("--no-decode", action="store_true", help="DiT only: skip VAE decode and frame encoding")
+    b.add_argument("--camera", choices=CAMERA_PATHS, default="keys",
+                   help="camera path: keys (a cycle of 5 key motions), held (one key), distinct (no motion repeats, "
+                        "so the camera memo computes every frame) (default keys)")
     b.add_argument("--decode-cost", help="the leader's frame decode as a fraction of one GPU's DiT time: how much "
                    "less of the DiT's tokens rank 0 takes with 2+ ranks (0 = even; default $LINGBOT_SP_DECODE_COST, "
                    "else 0 when every rank decodes a band, and with --decode-split leader "

@@ -29,12 +29,14 @@ from worker.schedule import dmd_schedule
 
 
 def dit_chunk_flops(cfg: DiTConfig, lat_h: int, lat_w: int, kv_frames: int, refresh: bool = True,
-                    refresh_kv_frames: int | None = None) -> dict[str, float]:
+                    refresh_kv_frames: int | None = None, camera_frames: float = CHUNK_LATENT_FRAMES
+                    ) -> dict[str, float]:
     """Matmul FLOPs of one chunk's DiT time: 4 denoising forwards + 1 cache refresh, camera adapters once.
 
     kv_frames: latent frames the chunk's queries attend to (its own 3 included). The refresh in a chunk's DiT time
     is the chunk before's (worker/rollout.py runs it after that chunk's frames): refresh False for chunk 0, which
     has none; refresh_kv_frames: the span it attends to, the chunk before's (default kv_frames, as when steady).
+    camera_frames: the chunk's frames whose camera modulation was computed, not taken from the camera memo.
     """
     _, ph, pw = cfg.patch_size
     n = chunk_tokens(cfg, lat_h, lat_w)
@@ -52,7 +54,8 @@ def dit_chunk_flops(cfg: DiTConfig, lat_h: int, lat_w: int, kv_frames: int, refr
     embed = 2 * n * cfg.in_dim * math.prod(cfg.patch_size) * d
     head = 2 * n * d * cfg.out_dim * math.prod(cfg.patch_size)
     refresh = embed + (layers - 1) * block_flops(refresh_keys) + 2 * n * d * d * 2 if refresh else 0
-    camera = layers * 4 * 2 * n * d * d + 2 * n * cfg.camera_in_features * d + 2 * 2 * n * d * d
+    camera = (layers * 4 * 2 * n * d * d + 2 * n * cfg.camera_in_features * d + 2 * 2 * n * d * d) \
+        * camera_frames / CHUNK_LATENT_FRAMES
     total = steps * (embed + layers * block + head) + refresh + camera
     return {"total": float(total), "per_forward": float(layers * block), "camera": float(camera)}
 
@@ -93,14 +96,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CAMERA_PATHS = ("keys", "held", "distinct")
+
+
+def _camera_path(kind: str, latent_frames: int, seed: int) -> dict:
+    """The RolloutJob camera fields of a bench path. The path changes the cost only through the camera memo
+    (worker/models/camera_memo.py), which computes each distinct frame motion once:
+    keys: a 6-frame cycle of key sets, 5 distinct motions (the default since v0);
+    held: "w" held, one motion;
+    distinct: poses whose every step differs (a turn that keeps tightening), so no frame's condition repeats and
+      every frame is computed: the memo's worst case. The seed moves the curve, so a warm-up never primes it."""
+    if kind == "keys":
+        path = [["w"], ["w"], ["w", "l"], ["l"], [], ["d"]]
+        return {"camera_actions": [path[i % len(path)] for i in range(latent_frames)]}
+    if kind == "held":
+        return {"camera_actions": [["w"]] * latent_frames}
+    if kind == "distinct":
+        poses = []
+        for k in range((latent_frames - 1) * VAE_STRIDE[0] + 1):  # one per pixel frame
+            yaw = math.radians(0.01 * (k + 7 * seed) ** 1.5)
+            c2w = [[math.cos(yaw), 0.0, math.sin(yaw), 0.002 * k * k], [0.0, 1.0, 0.0, 0.0],
+                   [-math.sin(yaw), 0.0, math.cos(yaw), 0.05 * k], [0.0, 0.0, 0.0, 1.0]]
+            poses.append(c2w)
+        return {"poses": poses, "intrinsics": [500.0, 500.0, 416.0, 240.0]}
+    raise ValueError(f"camera path {kind!r}: expected one of {', '.join(CAMERA_PATHS)}")
+
+
 def _bench_job(width: int, height: int, chunks: int, window: int, sink: int, seed: int = 0,
-               decode: bool = True) -> RolloutJob:
+               decode: bool = True, camera: str = "keys") -> RolloutJob:
     g = torch.Generator().manual_seed(seed)
     image = torch.rand(3, height, width, generator=g) * 2 - 1
-    path = [["w"], ["w"], ["w", "l"], ["l"], [], ["d"]]  # a varied camera: the path does not change the cost
-    actions = [path[i % len(path)] for i in range(chunks * CHUNK_LATENT_FRAMES)]
     return RolloutJob(prompt="benchmark", image=image, num_chunks=chunks, width=width, height=height, seed=seed,
-                      kv_window=window, kv_sink=sink, camera_actions=actions, decode=decode)
+                      kv_window=window, kv_sink=sink, decode=decode,
+                      **_camera_path(camera, chunks * CHUNK_LATENT_FRAMES, seed))
 
 
 def _mean(xs: list[float]) -> float:
@@ -112,13 +140,14 @@ def _median(xs: list[float]) -> float:
 
 
 def run_bench(generator, *, width: int, height: int, chunks: int, window: int, sink: int, warmup_chunks: int,
-              save_latents: Path | None = None, decode: bool = True) -> dict:
+              save_latents: Path | None = None, decode: bool = True, camera: str = "keys") -> dict:
     engine = getattr(generator, "engine", generator)
     dev = engine.device
     cfg = engine.dit.cfg
     lat_h, lat_w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
     if warmup_chunks:
-        for _ in generator.rollout(_bench_job(width, height, warmup_chunks, window, sink, seed=1, decode=decode)):
+        for _ in generator.rollout(_bench_job(width, height, warmup_chunks, window, sink, seed=1, decode=decode,
+                                                    camera=camera)):
             pass
     if hasattr(generator, "reset_peak_memory"):
         generator.reset_peak_memory()
@@ -131,7 +160,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
         t_start = time.perf_counter()
         t_prev = t_start
         first_chunk_s = None
-        for out in generator.rollout(_bench_job(width, height, chunks, window, sink, decode=decode)):
+        for out in generator.rollout(_bench_job(width, height, chunks, window, sink, decode=decode, camera=camera)):
             t0 = time.perf_counter()
             if out.frames is not None:
                 media.encode_frames(out.frames, "jpeg", 85)
@@ -140,8 +169,10 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
             if first_chunk_s is None:
                 first_chunk_s = now - t_start
             kv_frames = min((out.index + 1) * CHUNK_LATENT_FRAMES, sink + window)
+            computed = out.stats.get("camera_frames_computed", float(CHUNK_LATENT_FRAMES))
             flops = dit_chunk_flops(cfg, lat_h, lat_w, kv_frames, refresh=out.index > 0,
-                                    refresh_kv_frames=min(out.index * CHUNK_LATENT_FRAMES, sink + window))["total"]
+                                    refresh_kv_frames=min(out.index * CHUNK_LATENT_FRAMES, sink + window),
+                                    camera_frames=min(computed, CHUNK_LATENT_FRAMES))["total"]
             rows.append({
                 "chunk": out.index, "frames": pixel_frames_for_chunk(out.index), "kv_frames": kv_frames,
                 "dit_ms": out.stats["dit_ms"], "decode_ms": out.stats["decode_ms"],
@@ -150,6 +181,8 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
                 "condition_cached": bool(out.stats.get("condition_cached", 0.0)),
                 "condition_layers": int(out.stats.get("condition_layers", 0)),
                 "graph_replay": bool(out.stats.get("graph_replay", 0.0)),
+                "camera_frames_computed": int(computed),
+                "host_ms": out.stats.get("host_ms"),  # the leader's host time to queue the chunk
                 "band_decode_ms": out.stats.get("band_decode_ms"),  # decoded in bands: GPU ms, with the gather
             })
             t_prev = now
@@ -168,6 +201,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
     steady = [r for r in rows if r["kv_frames"] >= min(sink + window, chunks * CHUNK_LATENT_FRAMES) and r["chunk"] > 0]
     steady = steady or rows[1:] or rows
     med = {k: _median([r[k] for r in steady]) for k in ("dit_ms", "dit_tflop", "decode_ms", "encode_ms", "chunk_ms")}
+    med["host_ms"] = _median([r["host_ms"] for r in steady if r["host_ms"] is not None])
     # The last chunk decodes alone once the DiT has stopped, so its gap to the one before is short (~0.7 s against
     # ~2 s on one H100): it measures the pipeline draining, not a steady chunk. Until v14 it was in the mean,
     # which put the end-to-end figure ~100 ms under the DiT time (docs/PERFORMANCE.md). The median of the rest
@@ -187,7 +221,8 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "ranks": ranks, "model": engine.info.name, "width": width, "height": height, "chunks": chunks,
-        "kv_window": window, "kv_sink": sink, "steady_chunks": [r["chunk"] for r in steady],
+        "kv_window": window, "kv_sink": sink, "camera": camera, "steady_chunks": [r["chunk"] for r in steady],
+        "camera_memo_gb": engine.dit.camera_memo.budget / 1e9,
         "median": med, "end_to_end_chunk_ms": end_to_end_ms, "steady_mean_chunk_ms": _mean(flowing),
         "condition_cached_chunks": [r["chunk"] for r in cached], "median_condition_cached": med_cached,
         "graph_replay_chunks": [r["chunk"] for r in rows if r["graph_replay"]],
@@ -207,19 +242,22 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
 
 def print_table(res: dict) -> None:
     print(f"\n{res['model']} on {res['ranks']} x {res['device']}  {res['width']}x{res['height']}  "
-          f"window {res['kv_window']} + sink {res['kv_sink']}  attention {res['attention']}")
-    print(f"{'chunk':>5} {'kv':>3} {'dit ms':>9} {'decode ms':>9} {'encode ms':>9} {'chunk ms':>9}  condition encoder")
+          f"window {res['kv_window']} + sink {res['kv_sink']}  attention {res['attention']}  camera path "
+          f"{res['camera']} (memo {res['camera_memo_gb']:g} GB)")
+    print(f"{'chunk':>5} {'kv':>3} {'dit ms':>9} {'decode ms':>9} {'encode ms':>9} {'chunk ms':>9} {'cam':>3}  "
+          "condition encoder")
     for r in res["rows"]:
         cond = "fixed point" if r["condition_cached"] else f"{r['condition_layers']} layers"
         replay = "  (graph replay)" if r.get("graph_replay") else ""
         print(f"{r['chunk']:>5} {r['kv_frames']:>3} {r['dit_ms']:>9.1f} {r['decode_ms']:>9.1f} "
-              f"{r['encode_ms']:>9.1f} {r['chunk_ms']:>9.1f}  {cond}{replay}")
+              f"{r['encode_ms']:>9.1f} {r['chunk_ms']:>9.1f} {r['camera_frames_computed']:>3}  {cond}{replay}")
+    print("cam: the chunk's frames whose camera modulation was computed (the rest came from the camera memo)")
     m = res["median"]
     print(f"steady (chunks {res['steady_chunks'][0]}..{res['steady_chunks'][-1]}): DiT median {m['dit_ms']:.1f} ms, "
           f"decode {m['decode_ms']:.1f} ms (wall, overlapped), encode {m['encode_ms']:.1f} ms, "
           f"end-to-end {res['end_to_end_chunk_ms']:.1f} ms/chunk (median; mean {res['steady_mean_chunk_ms']:.1f}; the last "
           f"chunk, which drains, left out) -> {res['generated_fps']:.2f} fps generated; "
-          f"whole rollout {res['overall_fps']:.2f} fps")
+          f"whole rollout {res['overall_fps']:.2f} fps; host {m['host_ms']:.1f} ms to queue a chunk")
     if res.get("median_condition_cached"):
         mc, cc = res["median_condition_cached"], res["condition_cached_chunks"]
         print(f"steady with the condition at its fixed point (chunks {cc[0]}..{cc[-1]}, no encoder work): "
@@ -265,7 +303,8 @@ def cmd_bench(a) -> int:
             latents = a.save_latents.with_name(f"{a.save_latents.stem}{tag}{a.save_latents.suffix}") \
                 if a.save_latents is not None and tag else a.save_latents
             res = run_bench(gen, width=width, height=height, chunks=a.chunks, window=a.kv_window, sink=a.kv_sink,
-                            warmup_chunks=a.warmup_chunks, save_latents=latents, decode=not a.no_decode)
+                            warmup_chunks=a.warmup_chunks, save_latents=latents, decode=not a.no_decode,
+                            camera=a.camera)
             res.update({k: v for k, v in run.items() if k not in ("decode_priority", "decode_split")})
             res["command"] = "python -m worker " + " ".join(os.sys.argv[1:])
             print_table(res)

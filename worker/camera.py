@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ INTRINSICS_SOURCE_WIDTH = 832
 
 # Tolerance on |R^T R - I| for user poses: float32 files are off by ~1e-7; anything past 1e-3 is not a rotation.
 ROTATION_TOLERANCE = 1e-3
+POSE_DECIMALS = 9  # relative poses are rounded to this many decimals (relative_poses says why)
 
 _SORTED_KEYS = "".join(sorted(ACTION_KEYS))
 _RAY_CHANNELS = DiTConfig.control_dim  # [origin xyz, direction xyz]
@@ -387,7 +388,12 @@ def relative_poses(c2ws: np.ndarray) -> np.ndarray:
     max_norm = float(norms.max())
     if max_norm > 0:  # official test: a still camera keeps all-zero translations
         rel[:, :3, 3] /= max_norm
-    return rel
+    # The chain of poses leaves round-off (~1e-16) that differs from frame to frame, so a repeated motion (a held
+    # key) would give conditions that differ in their last bits, tiny values such as 1e-17 included, which bf16
+    # keeps. Rounded, equal motions give equal conditions, whose camera modulation the DiT then computes once
+    # (worker/models/camera_memo.py). A change of at most 5e-10 is far below what the bf16 condition resolves (2^-9
+    # of its values' size; the values are rotations and unit steps); + 0.0 turns a rounded -0.0 into 0.0.
+    return np.round(rel, POSE_DECIMALS) + 0.0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -498,6 +504,14 @@ def _relative_path(
     return relative_poses(c2ws), k
 
 
+class CameraChunk(NamedTuple):
+    field: torch.Tensor  # [1, 384, 3, H/8, W/8] float32
+    # One key per latent frame: the relative pose, intrinsics and size its field is made from. Equal keys, equal
+    # fields (the field is a function of them alone), which lets the DiT reuse a frame's camera modulation
+    # (worker/models/camera_memo.py) without reading the field.
+    frame_keys: tuple[bytes, ...]
+
+
 def iter_camera_condition(
     *,
     width: int,
@@ -506,8 +520,8 @@ def iter_camera_condition(
     actions: Sequence[Sequence[str]] | None = None,
     poses: Any = None,
     intrinsics: Any = None,
-) -> Iterator[torch.Tensor]:
-    """The camera condition one chunk at a time: num_chunks tensors [1, 384, 3, H/8, W/8] float32.
+) -> Iterator[CameraChunk]:
+    """The camera condition one chunk at a time: num_chunks CameraChunks, fields [1, 384, 3, H/8, W/8] float32.
 
     Same values as camera_condition(), but only one chunk's field (3 x H x W x 6 floats) is ever alive, so a
     rollout of hundreds of latent frames does not hold the whole condition in memory. All validation happens
@@ -526,7 +540,12 @@ def _packed_camera_rays(k: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(rays.transpose(4, 1, 3, 0, 2)).reshape(3, -1)
 
 
-def _iter_chunks(rel: np.ndarray, k: np.ndarray, height: int, width: int) -> Iterator[torch.Tensor]:
+def _frame_key(rel: np.ndarray, k: np.ndarray, height: int, width: int) -> bytes:
+    return np.ascontiguousarray(rel, dtype=np.float64).tobytes() + k.astype(np.float64).tobytes() \
+        + np.array([height, width], dtype=np.int64).tobytes()
+
+
+def _iter_chunks(rel: np.ndarray, k: np.ndarray, height: int, width: int) -> Iterator[CameraChunk]:
     # Same values as pack_latent_grid(plucker_field(...)), computed in the packed layout: the rotation acts on each
     # pixel's ray alone and the pack is a permutation, so packing the camera-axis rays once and rotating them per
     # frame (one 3x3 @ 3xM product) gives the same numbers about 10x faster than building and permuting the
@@ -541,7 +560,7 @@ def _iter_chunks(rel: np.ndarray, k: np.ndarray, height: int, width: int) -> Ite
         for j, p in enumerate(block):
             out[: 3 * cells, j] = np.repeat(p[:3, 3], cells)[:, None, None]  # origin: the same at every pixel
             out[3 * cells :, j] = (p[:3, :3] @ rays).reshape(3 * cells, h, w)  # direction: R @ d_cam
-        yield torch.from_numpy(out).unsqueeze(0)
+        yield CameraChunk(torch.from_numpy(out).unsqueeze(0), tuple(_frame_key(p, k, height, width) for p in block))
 
 
 def camera_condition(
@@ -570,5 +589,5 @@ def camera_condition(
     n_lat = CHUNK_LATENT_FRAMES * num_chunks
     out = torch.empty((1, _RAY_CHANNELS * sh * sw, n_lat, height // sh, width // sw), dtype=torch.float32)
     for c, chunk in enumerate(chunks):
-        out[:, :, c * CHUNK_LATENT_FRAMES : (c + 1) * CHUNK_LATENT_FRAMES] = chunk
+        out[:, :, c * CHUNK_LATENT_FRAMES : (c + 1) * CHUNK_LATENT_FRAMES] = chunk.field
     return out

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from worker import media
-from worker.camera import iter_camera_condition
+from worker.camera import CameraChunk, iter_camera_condition
 from worker.config import CHUNK_LATENT_FRAMES, VAE_STRIDE, VAE_Z_DIM, MASK_CHANNELS, pixel_frames_for_chunk
 from worker.models import chunk_graphs, vae_rows
 from worker.models.kv_cache import KVCache
@@ -64,8 +64,9 @@ class RolloutJob:
     intrinsics: list | None = None  # [fx, fy, cx, cy] for 480x832
     decode: bool = True  # False: latents only (benchmarks of the DiT alone); ChunkOutput.frames is None
 
-    def camera_chunks(self) -> Iterator[torch.Tensor]:
-        """[1, 384, 3, H/8, W/8] per chunk; every rank builds it from the job, so only the spec travels."""
+    def camera_chunks(self) -> Iterator[CameraChunk]:
+        """The condition [1, 384, 3, H/8, W/8] and its frames' keys per chunk; every rank builds them from the
+        job, so only the spec travels."""
         return iter_camera_condition(
             width=self.width, height=self.height, num_chunks=self.num_chunks,
             actions=self.camera_actions, poses=self.poses, intrinsics=self.intrinsics,
@@ -213,8 +214,12 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
     boundary. Whoever reads x0 first waits with _wait_ms(*marks), which also gives the chunk's DiT time (GPU time
     between the two marks).
     stats on the leader: condition_cached (1.0 when the image condition came from the encoder's fixed point
-    instead of an encode), condition_layers (encoder layers run for it; see StreamingVAE.next_condition_chunk) and
-    graph_replay (1.0 when the chunk's forwards were CUDA graph replays, worker/models/chunk_graphs.py)."""
+    instead of an encode), condition_layers (encoder layers run for it; see StreamingVAE.next_condition_chunk),
+    graph_replay (1.0 when the chunk's forwards were CUDA graph replays, worker/models/chunk_graphs.py),
+    camera_frames_computed (latent frames whose camera modulation was computed, not reused: camera_memo.py) and
+    host_ms (the host's time to queue the chunk, not counting its wait at the lookahead bound; it includes the
+    waits inside launches once CUDA's launch queue is full, so it bounds the host's own work from above: while it
+    stays under the chunk's period, the GPU never waits for the host)."""
     dit, sp, dev = engine.dit, engine.sp, engine.device
     leader = sp.is_leader
     sched = dmd_schedule()
@@ -255,7 +260,9 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
         for c in range(job.num_chunks):
             if c >= LOOKAHEAD_CHUNKS:
                 _wait(ends[c - LOOKAHEAD_CHUNKS])
-            plucker = to_device(next(cameras), dev)
+            t_host = time.perf_counter()
+            camera = next(cameras)
+            plucker = to_device(camera.field, dev)
             stopping = leader and stop is not None and stop.is_set()
             if not _agree_to_continue(engine, stopping):
                 finished = True  # every rank agreed to stop here
@@ -270,12 +277,16 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
             cond = {"condition_cached": float(engine.vae.condition_at_fixed_point),
                     "condition_layers": float(engine.vae.condition_layers_run[0])} if leader else {}
             f0 = c * CHUNK_LATENT_FRAMES
-            ctx = dit.prepare_chunk(plucker, f0, cache, sp)
+            computed = dit.camera_memo.computed
+            ctx = dit.prepare_chunk(plucker, f0, cache, sp, frame_keys=camera.frame_keys)
             replay = graphs.lookup() if graphs is not None else None
             if replay is not None:
                 replay.buffers.load_chunk(ctx, y)
             if leader:
                 cond["graph_replay"] = float(replay is not None)
+                # Frames whose camera modulation this chunk computed rather than took from the memo.
+                cond["camera_frames_computed"] = float(dit.camera_memo.computed - computed if dit.camera_memo.enabled
+                                                       else plucker.shape[2])
             x = noise[:, :, f0 : f0 + CHUNK_LATENT_FRAMES]
             x0 = x
             for i, t in enumerate(sched.timesteps):
@@ -298,6 +309,8 @@ def _denoise_chunks(engine, job: RolloutJob, stop: threading.Event | None = None
             at_boundary = True
             last_done = c
             ends.append(_mark(dev))
+            if leader:
+                cond["host_ms"] = (time.perf_counter() - t_host) * 1e3
             yield c, x0, cond, (t0, ends[-1])
         finished = True
     finally:

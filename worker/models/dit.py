@@ -15,8 +15,8 @@ loads with strict=True. The forward follows reference/fast_rollout.md section 5:
 The residual stream stays in fp32 and the matmuls run in the weights' dtype (bf16), as under the official
 autocast. A block's last line is deferred (LINGBOT_GATED_NORM, on by default): the next block, or the head, adds
 gate2 * ffn in its first norm's kernel (Block.forward). Work that does not change inside a chunk (RoPE tables,
-camera modulation, cache slots) is built once by `prepare_chunk`; work that does not change inside a job (text
-K/V, time embeddings) once per job.
+camera modulation, cache slots) is built once by `prepare_chunk`, and a frame's camera modulation once per distinct
+camera condition (camera_memo.py); work that does not change inside a job (text K/V, time embeddings) once per job.
 With sequence parallelism every rank runs the blocks on its share of the tokens (see worker/parallel/sp.py).
 """
 
@@ -35,6 +35,7 @@ from torch import nn
 
 from worker.config import DiTConfig
 from worker.models.attention import attention
+from worker.models.camera_memo import CameraMemo, memo_budget_setting
 from worker.models.fused import (
     attn_residual_camera_norm3,
     gated_residual,
@@ -337,6 +338,7 @@ class LingBotDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self.gated_norm = gated_norm_setting()
+        self.camera_memo = CameraMemo(memo_budget_setting())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -406,8 +408,12 @@ class LingBotDiT(nn.Module):
         cache: KVCache | None,
         sp: SequenceParallel = SINGLE,
         attn_mask: torch.Tensor | None = None,
+        frame_keys: Sequence[bytes] | None = None,
     ) -> ChunkContext:
-        """Everything a chunk's five forwards share: RoPE tables, cache slots and the camera modulation."""
+        """Everything a chunk's five forwards share: RoPE tables, cache slots and the camera modulation.
+
+        frame_keys: one key per latent frame of `plucker`, equal for equal frames (camera.CameraChunk); with them, a
+        frame whose condition the memo holds reuses its modulation instead of computing it again."""
         _, _, f, h, w = plucker.shape
         pt, ph, pw = self.cfg.patch_size
         grid = (f // pt, h // ph, w // pw)
@@ -418,10 +424,24 @@ class LingBotDiT(nn.Module):
         cos, sin = (sp.shard(t, dim=0).clone() for t in rope_tables(self.cfg, start_frame, grid, self.device))
         if cache is not None:
             cache.begin_chunk(start_frame, grid[0])
-        p = self.patch_embedding_wancamctrl(sp.shard(self.camera_tokens(to_device(plucker, self.device, self.dtype))))
+        tokens = self.camera_tokens(to_device(plucker, self.device, self.dtype))
+        if frame_keys is not None and self.camera_memo.enabled:
+            per_frame = n // grid[0]
+            scales, shifts = self.camera_memo.modulation(
+                frame_keys, per_frame, sp.token_span(n),
+                rows=lambda j, lo, hi: tokens[:, j * per_frame + lo : j * per_frame + hi],
+                compute=self.camera_modulation_of, device=self.device,
+                row_bytes=2 * len(self.blocks) * self.cfg.dim * self.dtype.itemsize)
+        else:
+            scales, shifts = self.camera_modulation_of(sp.shard(tokens))
+        return ChunkContext(grid, start_frame, n, cos, sin, scales, shifts, cache, attn_mask)
+
+    def camera_modulation_of(self, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per block, the camera scale and shift [B, L, dim] of camera tokens [B, L, 1536]."""
+        p = self.patch_embedding_wancamctrl(tokens)
         cam = p + self.c2ws_hidden_states_layer2(F.silu(self.c2ws_hidden_states_layer1(p)))
         scales, shifts = zip(*(blk.camera_modulation(cam) for blk in self.blocks)) if self.blocks else ((), ())
-        return ChunkContext(grid, start_frame, n, cos, sin, list(scales), list(shifts), cache, attn_mask)
+        return list(scales), list(shifts)
 
     # --- the forward --------------------------------------------------------------------------------------
     def forward(

@@ -158,11 +158,15 @@ class SequenceParallel:
         return self.split_heads(total)[self.rank]
 
     # --- token sharding -------------------------------------------------------------------------------
+    def token_span(self, total: int) -> slice:
+        """This rank's tokens of `total`: the range `shard` cuts."""
+        return consecutive_slices(self.split_tokens(total))[self.rank] if self.enabled else slice(0, total)
+
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's slice of the token axis."""
         if not self.enabled:
             return x
-        mine = consecutive_slices(self.split_tokens(x.shape[dim]))[self.rank]
+        mine = self.token_span(x.shape[dim])
         return x.narrow(dim, mine.start, mine.stop - mine.start)
 
     def gather(self, x: torch.Tensor, true_len: int, dim: int = 1, counts: Sequence[int] | None = None
