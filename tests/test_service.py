@@ -158,6 +158,7 @@ def test_out_of_memory_mid_chunk_is_a_clear_error_and_the_worker_recovers(engine
     monkeypatch.setattr(dit, "forward", flaky_forward)
     items = list(local_runner.run(_req(num_chunks=3), job_id="oom"))
     assert state["raised"] == 1
+    assert len(dit.camera_memo) == 0  # chunk 0's frames were in it: the memo is freed with the other caches
     # chunk 0 was finished before the failure: it still reaches the caller, then the error
     assert [i.get("type") for i in items[:-1]] == ["chunk"]
     err = items[-1]

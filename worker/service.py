@@ -130,7 +130,7 @@ class JobRunner:
         except (schema.RequestError, CameraError) as exc:
             yield _error(str(exc), getattr(exc, "field", None))
         except torch.OutOfMemoryError:
-            _free_memory()
+            _free_memory(self.generator)
             yield _error("out of GPU memory during the rollout; retry with a smaller size, fewer kv_window/"
                          "kv_sink frames, or on a worker with more GPUs", None)
         except Exception as exc:  # noqa: BLE001 - the worker must survive any job
@@ -224,9 +224,14 @@ def _error(message: str, field_name: str | None) -> dict[str, Any]:
     return schema.to_builtins(schema.ErrorResult(error=message, field=field_name))
 
 
-def _free_memory() -> None:
+def _free_memory(generator) -> None:
+    """After an out-of-memory job: the leader's camera memo (worker/models/camera_memo.py) is a cache too. A
+    follower rank's memo shrinks on its own, as its cap follows the rank's peak allocation."""
     import gc
 
+    dit = getattr(getattr(generator, "engine", generator), "dit", None)
+    if dit is not None:
+        dit.camera_memo.clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
