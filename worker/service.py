@@ -225,8 +225,8 @@ def _error(message: str, field_name: str | None) -> dict[str, Any]:
 
 
 def _free_memory(generator) -> None:
-    """After an out-of-memory job: the leader's camera memo (worker/models/camera_memo.py) is a cache too. A
-    follower rank's memo shrinks on its own, as its cap follows the rank's peak allocation."""
+    """After an out-of-memory job: the leader's camera memo (worker/models/camera_memo.py) is a cache too. Follower
+    ranks keep theirs, each within what its own GPU's peak allocation leaves (CameraMemo._cap)."""
     import gc
 
     dit = getattr(getattr(generator, "engine", generator), "dit", None)

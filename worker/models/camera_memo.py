@@ -149,8 +149,9 @@ class CameraMemo:
 
     def _cap(self, device: torch.device) -> int:
         """The budget, or less on a GPU whose memory would not hold it beside the rest: the process's peak
-        allocation so far without the memo's own bytes is what a chunk needs besides, and HEADROOM is left for
-        the allocator's fragmentation. So a job that fits without the memo still fits with it."""
+        allocation so far without the memo's own bytes stands for what the chunks need besides, and HEADROOM is
+        left for the allocator's fragmentation and for needs the peak has not seen yet (a first job's later,
+        longer-span chunks)."""
         if device.type != "cuda":
             return self.budget
         total = torch.cuda.get_device_properties(device).total_memory
