@@ -15,7 +15,7 @@ for spec in "$@"; do
   for item in "${items[@]}"; do case $item in --*) opts+=("$item");; *) vars+=("$item");; esac; done
   tags+=("$tag")
   echo "== $tag ${vars[*]} ${opts[*]}"
-  env X=0 "${vars[@]}" python3 -m worker bench --model lingbot-world-fast --device cuda --chunks "$CHUNKS" \
+  env "${vars[@]}" python3 -m worker bench --model lingbot-world-fast --device cuda --chunks "$CHUNKS" \
       --warmup-chunks "$WARMUP" --ranks "$RANKS" --save-latents "$LAT/lat_$tag.pt" --json "$OUT/$tag.json" \
       "${opts[@]}" 2>&1 \
     | grep -E "^steady|^first|Error" || true

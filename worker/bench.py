@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from worker import media
-from worker.config import CHUNK_LATENT_FRAMES, DiTConfig, VAE_STRIDE, chunk_tokens, pixel_frames_for_chunk
+from worker.camera import INTRINSICS_SOURCE_HEIGHT, INTRINSICS_SOURCE_WIDTH
+from worker.config import (ACTION_FOCAL, CHUNK_LATENT_FRAMES, DiTConfig, VAE_STRIDE, chunk_tokens,
+                           pixel_frames_for_chunk)
 from worker.models import chunk_graphs
 from worker.models.attention import active_backend
 from worker.parallel.sp import decode_split
@@ -118,7 +120,8 @@ def _camera_path(kind: str, latent_frames: int, seed: int) -> dict:
             c2w = [[math.cos(yaw), 0.0, math.sin(yaw), 0.002 * k * k], [0.0, 1.0, 0.0, 0.0],
                    [-math.sin(yaw), 0.0, math.cos(yaw), 0.05 * k], [0.0, 0.0, 0.0, 1.0]]
             poses.append(c2w)
-        return {"poses": poses, "intrinsics": [500.0, 500.0, 416.0, 240.0]}
+        return {"poses": poses, "intrinsics": [ACTION_FOCAL, ACTION_FOCAL, INTRINSICS_SOURCE_WIDTH / 2,
+                                               INTRINSICS_SOURCE_HEIGHT / 2]}  # the actions' K
     raise ValueError(f"camera path {kind!r}: expected one of {', '.join(CAMERA_PATHS)}")
 
 
@@ -172,7 +175,7 @@ def run_bench(generator, *, width: int, height: int, chunks: int, window: int, s
             computed = out.stats.get("camera_frames_computed", float(CHUNK_LATENT_FRAMES))
             flops = dit_chunk_flops(cfg, lat_h, lat_w, kv_frames, refresh=out.index > 0,
                                     refresh_kv_frames=min(out.index * CHUNK_LATENT_FRAMES, sink + window),
-                                    camera_frames=min(computed, CHUNK_LATENT_FRAMES))["total"]
+                                    camera_frames=computed)["total"]
             rows.append({
                 "chunk": out.index, "frames": pixel_frames_for_chunk(out.index), "kv_frames": kv_frames,
                 "dit_ms": out.stats["dit_ms"], "decode_ms": out.stats["decode_ms"],

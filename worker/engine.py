@@ -7,6 +7,7 @@ rank needs and keeps them resident. `Engine.rollout` runs one job and yields dec
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -208,6 +209,14 @@ class Engine:
         return self.vae
 
     # --- a job ----------------------------------------------------------------------------------------------
+    def free_memory(self) -> None:
+        """After an out-of-memory job: what this process keeps on its GPU between jobs beyond the weights (the
+        camera memo, worker/models/camera_memo.py, and the allocator's free blocks) goes back."""
+        self.dit.camera_memo.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def rollout(self, job: RolloutJob) -> Iterator[ChunkOutput]:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("engine is busy with another job")

@@ -100,10 +100,8 @@ class CameraMemo:
                 pieces.append((j, key, lo, hi))
         wanted: dict[bytes, tuple[int, int, int]] = {}  # key -> (lo, hi) covering its pieces, and one frame with it
         for j, key, lo, hi in pieces:
-            if key in wanted:
-                wlo, whi, wj = wanted[key]
-                lo, hi, j = min(lo, wlo), max(hi, whi), wj
-            wanted[key] = (lo, hi, j)
+            wlo, whi, wj = wanted.get(key, (lo, hi, j))
+            wanted[key] = (min(lo, wlo), max(hi, whi), wj)
         misses = []
         for key, (lo, hi, j) in wanted.items():
             entry = self._entries.get(key)
@@ -126,22 +124,14 @@ class CameraMemo:
                 self._drop(key)
             self.computed += len(misses)
             scales, shifts = compute(torch.cat([rows(j, lo, hi) for _, lo, hi, j in misses], dim=1))
-            entries = [_Entry(lo, hi, [], []) for _, lo, hi, _ in misses]
-            if len(misses) == 1:
-                entries[0].scales, entries[0].shifts = list(scales), list(shifts)
-            else:  # own copies, so that evicting one frame frees its memory; each block's batch freed once copied
-                ends = list(itertools.accumulate(hi - lo for _, lo, hi, _ in misses))
-                for outs, which in ((scales, "scales"), (shifts, "shifts")):
-                    for layer in range(len(outs)):
-                        t, outs[layer] = outs[layer], None
-                        for entry, end in zip(entries, ends):
-                            getattr(entry, which).append(t[:, end - (entry.hi - entry.lo) : end].clone())
-                        del t
-            for (key, *_), entry in zip(misses, entries):
-                self._entries[key] = entry
+            ends = list(itertools.accumulate(hi - lo for _, lo, hi, _ in misses))
+            parts = [slice(end - (hi - lo), end) for (_, lo, hi, _), end in zip(misses, ends)]
+            for (key, lo, hi, _), s_own, t_own in zip(misses, _split(scales, parts), _split(shifts, parts)):
+                self._entries[key] = entry = _Entry(lo, hi, s_own, t_own)
                 self._bytes += entry.nbytes
         used = [(self._entries[key], lo, hi) for _, key, lo, hi in pieces]
-        out = self._assemble(used, "scales"), self._assemble(used, "shifts")
+        out = _assemble([(e.scales, e.lo, lo, hi) for e, lo, hi in used]), \
+            _assemble([(e.shifts, e.lo, lo, hi) for e, lo, hi in used])
         # The chunk's own frames, just used, go too if they alone exceed the cap: the chunk has its numbers.
         while self._entries and self._bytes > cap:
             self._drop(next(iter(self._entries)))
@@ -158,13 +148,27 @@ class CameraMemo:
         others = torch.cuda.max_memory_allocated(device) - self._bytes
         return max(0, min(self.budget, total - HEADROOM - others))
 
-    @staticmethod
-    def _assemble(used: list[tuple[_Entry, int, int]], which: str) -> list[torch.Tensor]:
-        """Per block: the pieces' rows side by side, in a tensor of its own (the chunk's graphs and fused kernels
-        take tensors without a storage offset)."""
-        layers = len(getattr(used[0][0], which)) if used else 0
-        return [torch.cat([getattr(e, which)[layer][:, lo - e.lo : hi - e.lo] for e, lo, hi in used], dim=1)
-                for layer in range(layers)]
-
     def _drop(self, key: bytes) -> None:
         self._bytes -= self._entries.pop(key).nbytes
+
+
+def _split(outs: list[torch.Tensor], parts: list[slice]) -> list[list[torch.Tensor]]:
+    """Per part, its rows of every block's batch [B, rows, dim]. With several parts each is a copy of its own, so
+    that evicting one frame frees its memory, and each block's batch is released as soon as it is copied."""
+    if len(parts) == 1:
+        return [list(outs)]
+    own: list[list[torch.Tensor]] = [[] for _ in parts]
+    for layer in range(len(outs)):
+        batch, outs[layer] = outs[layer], None
+        for dst, part in zip(own, parts):
+            dst.append(batch[:, part].clone())
+    return own
+
+
+def _assemble(pieces: list[tuple[list[torch.Tensor], int, int, int]]) -> list[torch.Tensor]:
+    """Per block, the pieces' rows side by side in a tensor of its own (the chunk's graphs and fused kernels take
+    tensors without a storage offset). A piece: (an entry's per-block tensors, the entry's first position, the
+    positions [lo, hi) wanted)."""
+    layers = len(pieces[0][0]) if pieces else 0
+    return [torch.cat([ts[layer][:, lo - first : hi - first] for ts, first, lo, hi in pieces], dim=1)
+            for layer in range(layers)]
