@@ -130,9 +130,7 @@ class JobRunner:
         except (schema.RequestError, CameraError) as exc:
             yield _error(str(exc), getattr(exc, "field", None))
         except torch.OutOfMemoryError:
-            # The leader's caches; follower ranks keep their camera memos, each within what its own GPU's peak
-            # allocation leaves (CameraMemo._cap).
-            getattr(self.generator, "engine", self.generator).free_memory()
+            _free_memory(self.generator)
             yield _error("out of GPU memory during the rollout; retry with a smaller size, fewer kv_window/"
                          "kv_sink frames, or on a worker with more GPUs", None)
         except Exception as exc:  # noqa: BLE001 - the worker must survive any job
@@ -224,6 +222,20 @@ def _summary(timings: list[schema.ChunkStats], first_chunk_s, total_s, gen_s, nu
 
 def _error(message: str, field_name: str | None) -> dict[str, Any]:
     return schema.to_builtins(schema.ErrorResult(error=message, field=field_name))
+
+
+def _free_memory(generator) -> None:
+    """The leader's caches (Engine.free_memory; follower ranks keep their camera memos, each within what its own
+    GPU's peak allocation leaves: CameraMemo._cap), or the allocator's alone for a generator without them."""
+    engine = getattr(generator, "engine", generator)
+    if hasattr(engine, "free_memory"):
+        engine.free_memory()
+        return
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 _ID_RE = re.compile(r"[^A-Za-z0-9_.-]")
